@@ -1,0 +1,3 @@
+from lowmem_rlhf.cli import main
+
+raise SystemExit(main())

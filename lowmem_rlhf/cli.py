@@ -1,0 +1,184 @@
+"""`lowmem-rlhf <command> ...`: run recipes, validate and show them, sample from a run.
+
+Errors the user can fix (recipe, data, paths, memory) print one line and exit with status 2; our own
+bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from lowmem_rlhf import __version__
+from lowmem_rlhf.errors import UserError
+
+STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft"}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True)
+    if not verbose:
+        # Library chatter that says nothing to our users (e.g. an optional CPU kernel package).
+        for name in ("bitsandbytes", "transformers", "peft", "httpx", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|bitsandbytes)\..*")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _stage_module(name: str):
+    import importlib
+
+    return importlib.import_module(STAGE_COMMANDS[name])
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    path = _stage_module(args.command).run(cfg, force=args.force)
+    print(f"{args.command}: done -> {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    for stage in cfg.stages:
+        logging.getLogger(__name__).info("== stage %s ==", stage)
+        path = _stage_module(stage).run(cfg, force=args.force)
+        print(f"{stage}: done -> {path}")
+    print(f"run finished: {cfg.output_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.config import load_config
+    from lowmem_rlhf.data.formats import resolve_source
+
+    failed = 0
+    for recipe in args.recipes:
+        try:
+            cfg = load_config(recipe, args.overrides)
+            for stage in cfg.stages:
+                for key in ("dataset", "eval_dataset"):
+                    source = getattr(getattr(cfg, stage), key, None)
+                    if source is not None:
+                        resolve_source(source)  # a missing local file is an error; Hub ids are not fetched
+                    elif key == "dataset":
+                        raise UserError(f"recipe {recipe}: stage {stage} is listed but `{stage}.dataset` is not set")
+            print(f"ok: {recipe}")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.config import config_from_dict, read_recipe
+    from lowmem_rlhf.data.chat import encode_prompt, to_messages
+    from lowmem_rlhf.data.formats import load_rows
+    from lowmem_rlhf.model.bank import AdapterBank
+    from lowmem_rlhf.model.loading import load_base
+    from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+
+    run_dir = Path(args.run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a run")
+    cfg = config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        rows, name = load_rows(args.prompts_file)
+        for i, row in enumerate(rows, start=1):
+            if "prompt" not in row:
+                raise UserError(f"{name}, row {i}: missing field `prompt`")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise UserError("give at least one --prompt TEXT or a --prompts-file")
+    stage_dir = run_dir / args.stage
+    model, tokenizer = load_base(cfg.model)
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    bank.add_role("policy", from_dir=stage_dir)
+    encoded = [encode_prompt(tokenizer, to_messages(p, "--prompt", "prompt")) for p in prompts]
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    out = generate(bank, "policy", encoded, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, args.seed)
+    for prompt, ids in zip(prompts, out.response_ids):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "response": text}))
+        else:
+            print(f"> {prompt}\n{text}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowmem-rlhf",
+        description="The whole RLHF pipeline (SFT, reward model, PPO, DPO) on one frozen 4-bit backbone.",
+    )
+    parser.add_argument("--version", action="version", version=f"lowmem-rlhf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides_help = "dotted overrides such as sft.learning_rate=1e-4 (checked like recipe keys)"
+
+    p = sub.add_parser("run", help="run every stage the recipe lists, in order")
+    p.add_argument("recipe", help="path of a YAML recipe")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--force", action="store_true", help="re-run stages that already finished")
+    p.set_defaults(func=cmd_run)
+
+    for name, text in (("sft", "supervised fine-tuning of the policy adapter"),):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="path of a YAML recipe")
+        p.add_argument("overrides", nargs="*", help=overrides_help)
+        p.add_argument("--force", action="store_true", help="run the stage again even if it finished")
+        p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("validate", help="check recipes (keys, types, data paths) without loading a model")
+    p.add_argument("recipes", nargs="+", help="one or more YAML recipes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=overrides_help)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("show", help="print the resolved recipe, every default filled in")
+    p.add_argument("recipe", help="path of a YAML recipe")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("generate", help="sample from a run's adapter for given prompts")
+    p.add_argument("run_dir", help="output_dir of a run")
+    p.add_argument("--stage", default="sft", help="stage whose adapter to sample from (default: sft)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="JSONL/JSON/CSV/Parquet file with a `prompt` field per row")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest response (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

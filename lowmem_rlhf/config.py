@@ -1,0 +1,334 @@
+"""Typed recipe configuration: the one home of every default.
+
+A recipe is a YAML file whose keys mirror these dataclasses. Loading is strict (nanoGPT-style): an
+unknown key is an error naming the key and the closest valid one; a value of the wrong type names the
+key, the expected type and the given one. Command-line overrides (``sft.learning_rate=1e-4``) go
+through the same checks. Each field's ``help`` is its documentation (``docs/config.md`` is generated
+from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lowmem_rlhf.errors import UserError
+
+STAGES = ("sft",)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """The base model, loaded once, frozen and (by default) quantized to 4-bit NF4."""
+
+    name_or_path: str = _f(
+        "builtin:tiny",
+        "Hub id or local folder of the base model; `builtin:tiny` builds the bundled tiny Llama offline.",
+    )
+    quantization: Literal["nf4", "fp4", "int8", "none"] = _f(
+        "nf4", "Weight quantization of the frozen base (bitsandbytes): nf4, fp4, int8 or none."
+    )
+    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "Dtype of matmuls and unquantized weights; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
+        "sdpa",
+        "Attention kernel. flash_attention_2 needs `pip install lowmem-rlhf[flash]` and a CUDA GPU; "
+        "without it the run stops with an error saying how to install it.",
+    )
+    trust_remote_code: bool = _f(False, "Allow the model's own Python code from the Hub (off unless you trust it).")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+    device: str = _f("auto", "Device for the whole run: auto (cuda if available, else cpu), cuda, cuda:N or cpu.")
+    logprob_chunk_size: int = _f(
+        512, "Sequence positions per chunk when computing log-probs, so full fp32 logits are never materialised."
+    )
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA adapters that every role (policy, reference, reward, value) is made of."""
+
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.05, "LoRA dropout while training (always off during rollout and scoring).")
+    target_modules: list[str] | str = _f(
+        "all-linear", "Module names to adapt, or `all-linear` for every linear layer except the output head."
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings shared by the supervised stages (SFT, reward model, DPO)."""
+
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 means num_epochs passes.")
+    batch_size: int = _f(4, "Examples per micro-batch (one forward/backward).")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")
+    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up from 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
+        "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
+    )
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
+    eval_steps: int = _f(0, "Evaluate every N optimizer steps; 0 = only at the end.")
+    save_steps: int = _f(50, "Save a resumable checkpoint every N optimizer steps; 0 = only at the end.")
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).")
+    report_to: list[str] = _f([], "Extra metric sinks besides metrics.jsonl: tensorboard, wandb.")
+    max_samples: int | None = _f(None, "Use only the first N training rows (quick experiments).")
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning of the policy adapter: loss on response tokens only."""
+
+    dataset: str | None = _f(
+        None,
+        "Training data: a .jsonl/.json/.csv/.parquet file, `builtin:tiny/<file>`, or a Hub dataset id. "
+        "Rows: {messages}, {prompt, completion} or {instruction, input, output}.",
+    )
+    dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
+    eval_dataset: str | None = _f(None, "Held-out data in the same formats, for eval loss.")
+    eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
+    max_length: int = _f(1024, "Longest tokenised example; longer ones are truncated (see docs/data.md).")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole pipeline run: which stages, on which model, written where."""
+
+    output_dir: str = _f("runs/default", "Folder of the run: config.yaml, manifest.json and one folder per stage.")
+    seed: int = _f(42, "Seed for data order, LoRA init, dropout and sampling.")
+    stages: list[str] = _f(["sft"], f"Stages run by `lowmem-rlhf run`, in order; known: {', '.join(STAGES)}.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The frozen base model."})
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA adapter shape for every role."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Supervised fine-tuning stage."})
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise UserError(f"stages: unknown stage {stage!r}; known stages are {', '.join(STAGES)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# strict loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _given_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise _Mismatch. Only lossless conversions are made."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: `{prefix.rstrip('.') or 'recipe'}` must be a mapping, got {_given_name(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key `{prefix}{key}`{_closest(str(key), list(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where, f"{prefix}{key}.")
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except _Mismatch:
+            raise UserError(
+                f"{where}: `{prefix}{key}` expects {_type_name(tp)}, got {_given_name(value)} {value!r}"
+            ) from None
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def config_from_dict(data: dict, where: str = "recipe") -> RecipeConfig:
+    """Build a RecipeConfig from plain data; `where` names the source in error messages."""
+    return _build(RecipeConfig, data, where, "")
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "command line") -> dict:
+    """Apply dotted `key=value` overrides (values parsed as YAML) to a raw recipe mapping."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"{where}: override {item!r} must look like `section.key=value`")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{where}: `{dotted}` goes through a key that is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def read_recipe(path: str | Path) -> dict:
+    """Read a recipe file into a raw mapping, with clear errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"recipe {path}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path}: the top level must be a mapping of keys, got {_given_name(data)}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load and validate a recipe file, then apply command-line overrides through the same checks."""
+    data = read_recipe(path)
+    cfg = config_from_dict(data, where=f"recipe {path}")
+    if overrides:
+        cfg = config_from_dict(apply_overrides(data, overrides), where=f"recipe {path} (with overrides)")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved configuration as plain data (what `show` prints and every run saves)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def markdown_reference() -> str:
+    """The recipe reference in Markdown, generated from the dataclasses (docs/config.md)."""
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `lowmem_rlhf/config.py` by `python -m lowmem_rlhf.config`; do not edit by hand.",
+        "An unknown key or a value of the wrong type is an error.",
+        "",
+    ]
+
+    def section(cls: type, prefix: str, title: str) -> None:
+        hints = typing.get_type_hints(cls)
+        lines.extend([f"## `{title}`", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |",
+                      "| --- | --- | --- | --- |"])
+        nested = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, f"{prefix}{f.name}."))
+                lines.append(f"| `{prefix}{f.name}` | section | | {f.metadata['help']} |")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` | {f.metadata['help']} |")
+        lines.append("")
+        for tp, p in nested:
+            section(tp, p, p.rstrip("."))
+
+    section(RecipeConfig, "", "top level")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

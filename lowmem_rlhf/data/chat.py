@@ -1,0 +1,76 @@
+"""One chat rendering for every stage: the tokenizer's own template, else DEFAULT_CHAT_TEMPLATE.
+
+Every stage builds a sequence the same way, so what SFT trains on is what PPO generates from:
+
+    prompt_ids   = tokenize(render(prompt_messages, add_generation_prompt=True))
+    response_ids = tokenize(response_text) + [eos]
+
+The response's closing EOS is part of the response (a label in SFT, the last scored token in RM/PPO).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowmem_rlhf.errors import UserError
+
+# Used only when the tokenizer has no template of its own (e.g. base models and the tiny model).
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+ROLES = ("system", "user", "assistant")
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def to_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    """A prompt given as text or as a list of {role, content} messages -> messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where}: field `{field}` is empty")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        out = []
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise UserError(
+                    f"{where}: field `{field}[{i}]` must be a message {{\"role\": one of {', '.join(ROLES)}, "
+                    f"\"content\": text}}, got {m!r:.80}"
+                )
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+    raise UserError(f"{where}: field `{field}` must be text or a non-empty list of messages, got {value!r:.80}")
+
+
+def to_text(value: Any, where: str, field: str) -> str:
+    """A response given as text or as a single assistant message -> text."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        if value[0].get("role") != "assistant":
+            raise UserError(f"{where}: field `{field}` must be an assistant message")
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: field `{field}` must be non-empty text, got {value!r:.80}")
+    return value
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the rendered prompt, ending with the assistant header that generation continues."""
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Token ids of a response followed by the EOS that closes it."""
+    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]

@@ -1,0 +1,46 @@
+"""Forward passes on the shared backbone: hidden states and chunked token log-probs.
+
+Position ids are always derived from the attention mask, so left- and right-padded batches give the
+same numbers for the same tokens (pitfall 5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem_rlhf.ops import chunked_logprobs
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) positions counting only real tokens; pads get 0 (they are masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm(model):
+    """The transformers causal-LM module under a PeftModel (LoRA layers are injected inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states (b, t, d), without running lm_head over the whole sequence."""
+    decoder = causal_lm(model).get_decoder()
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(input_ids[:, 1:] | prefix): (b, t - 1) fp32, computed chunk by chunk (pitfall 11)."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    head = causal_lm(model).get_output_embeddings()
+    return chunked_logprobs(hidden[:, :-1], head, input_ids[:, 1:], chunk_size, temperature)

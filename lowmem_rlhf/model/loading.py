@@ -1,0 +1,130 @@
+"""Load the frozen base model once (4-bit NF4 by default, on CUDA or CPU) and its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from lowmem_rlhf.config import ModelConfig
+from lowmem_rlhf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA on a machine without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device is {name!r} but no CUDA GPU is visible; use model.device=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """The folder or Hub id to load; builds the bundled tiny model on first use."""
+    if cfg.name_or_path == BUILTIN_TINY:
+        from lowmem_rlhf.tiny.model import build_tiny
+
+        return str(build_tiny())
+    if cfg.name_or_path.startswith("builtin:"):
+        raise UserError(f"model.name_or_path: unknown builtin model {cfg.name_or_path!r}; the only one is {BUILTIN_TINY!r}")
+    return cfg.name_or_path
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    """The bitsandbytes config for `cfg.quantization`, or None for an unquantized base."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _check_attention(cfg: ModelConfig, device: torch.device) -> None:
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    if device.type != "cuda":
+        raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 but flash-attn is not installed; "
+            "run `pip install 'lowmem-rlhf[flash]'` (needs a CUDA toolchain) or use attn_implementation=sdpa"
+        )
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The tokenizer with a pad token and a chat template (ours when the model has none)."""
+    from transformers import AutoTokenizer
+
+    from lowmem_rlhf.data.chat import ensure_chat_template
+
+    path = path or resolve_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path {cfg.name_or_path!r}: could not load the tokenizer ({e})") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"model.name_or_path {cfg.name_or_path!r}: the tokenizer defines no EOS token")
+    if tok.pad_token_id is None:
+        # pad == eos is safe here: every mask is built from lengths, never from `ids != pad_id`.
+        tok.pad_token = tok.eos_token
+    ensure_chat_template(tok)
+    return tok
+
+
+def load_base(cfg: ModelConfig):
+    """Load the base model once, quantized and frozen; returns (model, tokenizer).
+
+    Embeddings, norms and lm_head stay in the compute dtype: we never run peft's
+    `prepare_model_for_kbit_training`, which would upcast them all to fp32 (pitfall 10).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    _check_attention(cfg, device)
+    path = resolve_path(cfg)
+    tokenizer = load_tokenizer(cfg, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            quantization_config=quantization_config(cfg, dtype),
+            dtype=dtype,
+            device_map={"": str(device)},
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        raise UserError(f"model.name_or_path {cfg.name_or_path!r}: could not load the model ({e})") from None
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"model {cfg.name_or_path!r} does not fit in GPU memory even before training; use "
+            "model.quantization=nf4, a smaller model, or a card with more memory"
+        ) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = True  # generation needs the KV cache; training passes use_cache=False per call
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Rollout: batched generation from a role of the shared backbone."""

@@ -1,0 +1,81 @@
+"""What every stage shares: the run folder, its config.yaml and manifest.json, seeding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lowmem_rlhf.config import RecipeConfig, config_to_dict, dump_yaml
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
+from lowmem_rlhf.train.loop import fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stage_settings(cfg: RecipeConfig, stage: str) -> dict:
+    """The settings a stage's result depends on (a change means its checkpoints no longer apply)."""
+    d = config_to_dict(cfg)
+    return {"seed": d["seed"], "model": d["model"], "lora": d["lora"], stage: d[stage]}
+
+
+class Manifest:
+    """`output_dir/manifest.json`: which stages finished, when, and under which settings."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / "manifest.json"
+        try:
+            self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+        except json.JSONDecodeError:
+            raise UserError(f"{self.path} is corrupt; delete it to re-run every stage") from None
+
+    def finished(self, stage: str) -> dict | None:
+        return self.data["stages"].get(stage)
+
+    def mark_finished(self, stage: str, info: dict) -> None:
+        self.data["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        atomic_write_json(self.path, self.data)
+
+    def forget(self, stage: str) -> None:
+        if self.data["stages"].pop(stage, None) is not None:
+            atomic_write_json(self.path, self.data)
+
+
+def begin_stage(cfg: RecipeConfig, stage: str, force: bool) -> tuple[Path, Manifest, bool]:
+    """Prepare `output_dir/<stage>`; returns (stage_dir, manifest, already_finished).
+
+    A finished stage is skipped unless forced; a stage killed half-way keeps its checkpoints and
+    resumes from them; `force` wipes the stage folder first.
+    """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    manifest = Manifest(out)
+    stage_dir = out / stage
+    done = manifest.finished(stage)
+    if done and not force:
+        if done.get("settings") != fingerprint(stage_settings(cfg, stage)):
+            logger.warning(
+                "%s: finished earlier with different settings; keeping that result (re-run with --force to redo it)",
+                stage,
+            )
+        logger.info("%s: already finished in %s; skipping (use --force to run it again)", stage, stage_dir)
+        return stage_dir, manifest, True
+    if force:
+        manifest.forget(stage)
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return stage_dir, manifest, False

@@ -1,0 +1,1 @@
+"""Optimisation loop, checkpoints (atomic, resumable) and metric sinks shared by the stages."""

@@ -1,0 +1,257 @@
+"""The supervised optimisation loop shared by SFT, the reward model and DPO.
+
+We run our own loop instead of TRL's SFTTrainer because every stage must (1) switch roles only through
+the AdapterBank and hand the optimizer its explicit parameter list, (2) use the one chat rendering and
+prompt masking of `lowmem_rlhf.data`, (3) compute log-probs chunk by chunk (pitfall 11), (4) never run
+`prepare_model_for_kbit_training`, which upcasts every unquantized weight to fp32 (pitfall 10), and
+(5) share one checkpoint format so that N steps == N/2 + kill + resume + N/2, bit for bit (pitfall 12).
+
+Data order is a pure function of (seed, epoch), and the data cursor is derivable from the step
+(micro-batch m = step * accumulation + k), so a checkpoint only needs the step, the weights, the
+optimizer, the scheduler and the RNG states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lowmem_rlhf.config import TrainingConfig
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.bank import AdapterBank
+from lowmem_rlhf.train.io import atomic_write_json
+from lowmem_rlhf.train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+# loss_fn(model, batch) -> (loss_sum, metric_sums): the loss summed over the batch's units (tokens for
+# SFT, weighted pairs for RM/DPO); weight_fn(batch) -> how many units it holds. A step's loss is
+# sum(loss_sum) / sum(weight) over its micro-batches; metric sums are divided by the same weight.
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+WeightFn = Callable[[Any], float]
+EvalFn = Callable[[AdapterBank], dict[str, float]]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, device: torch.device):
+    name = cfg.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if device.type != "cuda":
+        raise UserError(f"optimizer {name} needs a CUDA GPU; set optimizer: adamw (or auto) on this machine")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: TrainingConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def fingerprint(data: Any) -> str:
+    """A short hash of the settings a checkpoint depends on; resuming under other settings is refused."""
+    return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
+
+
+class TrainLoop:
+    """Micro-batches -> accumulated optimizer steps, with logging, eval and resumable checkpoints."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        bank: AdapterBank,
+        role: str,
+        cfg: TrainingConfig,
+        stage_dir: Path,
+        dataset: Sequence[Any],
+        collate: Callable[[list[Any]], Any],
+        loss_fn: LossFn,
+        weight_fn: WeightFn,
+        seed: int,
+        eval_fn: EvalFn | None = None,
+        settings: Any = None,
+    ):
+        self.name, self.bank, self.role, self.cfg = name, bank, role, cfg
+        self.stage_dir = Path(stage_dir)
+        self.dataset, self.collate, self.loss_fn, self.weight_fn, self.eval_fn = dataset, collate, loss_fn, weight_fn, eval_fn
+        self.seed = seed
+        self.fingerprint = fingerprint(settings)
+        self.micro_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.num_epochs * self.micro_per_epoch / cfg.gradient_accumulation_steps))
+        self.params = bank.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, cfg, bank.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.ckpt_root = self.stage_dir / "checkpoints"
+        self._order_cache: tuple[int, list[int]] | None = None
+
+    # ------------------------------------------------------------------ data order
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order_cache = (epoch, torch.randperm(len(self.dataset), generator=g).tolist())
+        return self._order_cache[1]
+
+    def micro_batch(self, m: int) -> Any:
+        """The m-th micro-batch of the run (deterministic, so resume needs only the step)."""
+        epoch, pos = divmod(m, self.micro_per_epoch)
+        order = self._epoch_order(epoch)
+        bs = self.cfg.batch_size
+        return self.collate([self.dataset[i] for i in order[pos * bs : (pos + 1) * bs]])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_root.glob("step-*") if (p / "state.json").is_file())
+
+    def save_checkpoint(self, step: int) -> Path:
+        final = self.ckpt_root / f"step-{step:07d}"
+        if final.exists():
+            return final
+        tmp = self.ckpt_root / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(
+            {
+                "role": self.bank.state_dict(self.role),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+            },
+            tmp / "state.pt",
+        )
+        atomic_write_json(tmp / "state.json", {"step": step, "fingerprint": self.fingerprint, "total_steps": self.total_steps})
+        tmp.rename(final)  # a checkpoint exists under its final name only once it is complete
+        for old in self.checkpoints()[: -max(self.cfg.save_total_limit, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> int:
+        import json
+
+        info = json.loads((path / "state.json").read_text())
+        if info["fingerprint"] != self.fingerprint:
+            raise UserError(
+                f"{path} was made with different {self.name} settings than this recipe; re-run with --force to "
+                f"start the stage over, or use another output_dir"
+            )
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.bank.load_state_dict(self.role, state["role"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return int(info["step"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def _step(self, step: int) -> dict[str, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+        The step's loss is the mean over all its units (tokens or pairs), so every micro-batch's
+        summed loss is divided by the step's total weight before its own backward: one
+        micro-batch's graph is alive at a time.
+        """
+        accum = self.cfg.gradient_accumulation_steps
+        batches = [self.micro_batch(step * accum + k) for k in range(accum)]
+        total = max(sum(self.weight_fn(b) for b in batches), 1e-8)
+        loss_total, sums = 0.0, {}
+        with self.bank.use(self.role, train=True) as model:
+            for batch in batches:
+                loss_sum, metric_sums = self.loss_fn(model, batch)
+                (loss_sum / total).backward()
+                loss_total += loss_sum.item()
+                for k, v in metric_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": loss_total / total, "lr": lr, **{k: v / total for k, v in sums.items()}}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def run(self) -> LoopResult:
+        log = MetricsLogger(self.stage_dir, self.cfg.report_to, run_name=f"{self.stage_dir.parent.name}/{self.name}")
+        start = 0
+        ckpts = self.checkpoints()
+        if ckpts:
+            start = self.load_checkpoint(ckpts[-1])
+            log.truncate_after(start)
+            logger.info("%s: resuming from %s (step %d of %d)", self.name, ckpts[-1], start, self.total_steps)
+        step = start
+        last: dict[str, float] = {}
+        bar = tqdm(total=self.total_steps, initial=start, desc=self.name, unit="step", dynamic_ncols=True, disable=None)
+        t0 = time.perf_counter()
+        try:
+            while step < self.total_steps:
+                metrics = self._step(step)
+                step += 1
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                at_end = step == self.total_steps
+                if self.eval_fn is not None and (at_end or (self.cfg.eval_steps > 0 and step % self.cfg.eval_steps == 0)):
+                    metrics.update(self.eval_fn(self.bank))
+                if at_end or step % self.cfg.logging_steps == 0 or any(k.startswith("eval_") for k in metrics):
+                    metrics["epoch"] = step * self.cfg.gradient_accumulation_steps / self.micro_per_epoch
+                    metrics["elapsed_s"] = time.perf_counter() - t0
+                    log.log(step, metrics)
+                    bar.write(f"{self.name} step {step}/{self.total_steps}: " + ", ".join(
+                        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k not in ("elapsed_s",)))
+                if at_end or (self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0):
+                    self.save_checkpoint(step)
+        except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            saved = self.save_checkpoint(step) if step > start else (self.checkpoints() or [None])[-1]
+            where = f"progress is saved in {saved}" if saved else "no step had finished yet"
+            if isinstance(e, KeyboardInterrupt):
+                raise UserError(f"{self.name} interrupted at step {step}/{self.total_steps}; {where}; re-run the same command to resume") from None
+            raise UserError(
+                f"{self.name} ran out of GPU memory at step {step + 1}; {where}. Lower {self.name}.batch_size "
+                f"(and raise gradient_accumulation_steps to keep the effective batch) or max_length, then re-run to resume"
+            ) from None
+        finally:
+            bar.close()
+            log.close()
+        return LoopResult(steps=step, metrics=last, resumed_from=start)
