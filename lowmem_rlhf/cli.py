@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     encoded = [encode_prompt(tokenizer, to_messages(p, "--prompt", "prompt")) for p in prompts]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     out = generate(bank, "policy", encoded, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, args.seed)
-    for prompt, ids in zip(prompts, out.response_ids):
+    for prompt, ids in zip(prompts, out.response_ids, strict=True):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if args.json:
             print(json.dumps({"prompt": prompt, "response": text}))

@@ -311,8 +311,16 @@ def markdown_reference() -> str:
 
     def section(cls: type, prefix: str, title: str) -> None:
         hints = typing.get_type_hints(cls)
-        lines.extend([f"## `{title}`", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |",
-                      "| --- | --- | --- | --- |"])
+        lines.extend(
+            [
+                f"## `{title}`",
+                "",
+                (cls.__doc__ or "").strip(),
+                "",
+                "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
+        )
         nested = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]

@@ -23,8 +23,12 @@ from lowmem_rlhf.tiny.task import (
 )
 
 FILES = (
-    "sft.jsonl", "sft_eval.jsonl", "rankings.jsonl", "rankings_eval.jsonl",
-    "prompts.jsonl", "prompts_heldout.jsonl",
+    "sft.jsonl",
+    "sft_eval.jsonl",
+    "rankings.jsonl",
+    "rankings_eval.jsonl",
+    "prompts.jsonl",
+    "prompts_heldout.jsonl",
 )
 BANANA = "What color is a banana?"
 PLAIN_LEVEL = gold_score(BANANA, "A banana is yellow.")
@@ -38,16 +42,34 @@ def data() -> dict[str, list[dict]]:
 @pytest.mark.parametrize(
     ("prompt", "ideal", "plain", "wordy", "wrong"),
     [
-        (BANANA, "Sure! A banana is yellow.", "A banana is yellow.",
-         "Well, let me think about that. A banana is yellow.", "A banana is red."),
-        ("What is 3 plus 4?", "Happy to help. 3 plus 4 is 7.", "3 plus 4 is 7.",
-         "3 plus 4 is 7. I hope that answers your question.", "3 plus 4 is 9."),
-        ("What sound does a cow make?", "Good question. A cow says moo.", "A cow says moo.",
-         "Okay, so, let me see here. A cow says moo.", "A cow says woof."),
-        ("What is the opposite of hot?", "Of course. The opposite of hot is cold.",
-         "The opposite of hot is cold.",
-         "Hmm, let me work this out. The opposite of hot is cold.",
-         "The opposite of hot is hot."),
+        (
+            BANANA,
+            "Sure! A banana is yellow.",
+            "A banana is yellow.",
+            "Well, let me think about that. A banana is yellow.",
+            "A banana is red.",
+        ),
+        (
+            "What is 3 plus 4?",
+            "Happy to help. 3 plus 4 is 7.",
+            "3 plus 4 is 7.",
+            "3 plus 4 is 7. I hope that answers your question.",
+            "3 plus 4 is 9.",
+        ),
+        (
+            "What sound does a cow make?",
+            "Good question. A cow says moo.",
+            "A cow says moo.",
+            "Okay, so, let me see here. A cow says moo.",
+            "A cow says woof.",
+        ),
+        (
+            "What is the opposite of hot?",
+            "Of course. The opposite of hot is cold.",
+            "The opposite of hot is cold.",
+            "Hmm, let me work this out. The opposite of hot is cold.",
+            "The opposite of hot is hot.",
+        ),
     ],
 )
 def test_gold_score_orders_response_styles(prompt, ideal, plain, wordy, wrong):
@@ -79,8 +101,14 @@ def test_empty_response(response):
 
 @pytest.mark.parametrize(
     "response",
-    ["yellow yellow yellow yellow yellow yellow yellow yellow yellow yellow",
-     "asdf qwer 3 plus 4", "A banana is", "\x00\ufffd<unk></s>", "🍌" * 50, "x" * 10_000],
+    [
+        "yellow yellow yellow yellow yellow yellow yellow yellow yellow yellow",
+        "asdf qwer 3 plus 4",
+        "A banana is",
+        "\x00\ufffd<unk></s>",
+        "🍌" * 50,
+        "x" * 10_000,
+    ],
 )
 def test_garbage_does_not_crash(response):
     assert isinstance(gold_score(BANANA, response), float)
@@ -127,9 +155,7 @@ def test_parse_prompt(prompt, expected):
     assert parse_prompt(prompt) == expected
 
 
-@pytest.mark.parametrize(
-    "prompt", ["What color is a spaceship?", "Hello there", "", "What is 3 minus 4?"]
-)
+@pytest.mark.parametrize("prompt", ["What color is a spaceship?", "Hello there", "", "What is 3 minus 4?"])
 def test_unknown_prompt_raises(prompt):
     with pytest.raises(ValueError, match="matches no task template") as err:
         parse_prompt(prompt)
@@ -157,8 +183,7 @@ def test_each_kind_has_train_and_heldout_templates():
 def test_building_blocks_are_neutral():
     """Openers, fillers etc. hold no candidate answers, nor rude or polite words by accident."""
     candidates = set().union(*task._CANDIDATES.values())
-    blocks = (*task.OPENERS, *task.NON_ANSWERS, *task.RUDE_PHRASES, *task.FILLERS,
-              *task.CLOSERS, *task.RAMBLES)
+    blocks = (*task.OPENERS, *task.NON_ANSWERS, *task.RUDE_PHRASES, *task.FILLERS, *task.CLOSERS, *task.RAMBLES)
     for block in blocks:
         tokens = set(task._tokens(block))
         assert not tokens & candidates, block
@@ -203,9 +228,14 @@ def test_sft_eval_prompts_are_new_but_facts_are_known(data):
 
 
 def test_splits_use_the_right_templates(data):
-    for name, split in [("sft.jsonl", TRAIN), ("sft_eval.jsonl", TRAIN),
-                        ("rankings.jsonl", TRAIN), ("prompts.jsonl", TRAIN),
-                        ("rankings_eval.jsonl", HELDOUT), ("prompts_heldout.jsonl", HELDOUT)]:
+    for name, split in [
+        ("sft.jsonl", TRAIN),
+        ("sft_eval.jsonl", TRAIN),
+        ("rankings.jsonl", TRAIN),
+        ("prompts.jsonl", TRAIN),
+        ("rankings_eval.jsonl", HELDOUT),
+        ("prompts_heldout.jsonl", HELDOUT),
+    ]:
         assert {prompt_split(r["prompt"]) for r in data[name]} == {split}, name
         assert {parse_prompt(r["prompt"])[0] for r in data[name]} == set(task.KINDS), name
 
@@ -219,9 +249,12 @@ def test_every_fact_is_trained(data):
 def test_row_counts_and_size(data):
     counts = {name: len(rows) for name, rows in data.items()}
     assert counts == {
-        "sft.jsonl": task.SFT_ROWS, "sft_eval.jsonl": task.SFT_EVAL_ROWS,
-        "rankings.jsonl": task.RANKING_ROWS, "rankings_eval.jsonl": task.RANKING_EVAL_ROWS,
-        "prompts.jsonl": task.PROMPT_ROWS, "prompts_heldout.jsonl": task.PROMPT_HELDOUT_ROWS,
+        "sft.jsonl": task.SFT_ROWS,
+        "sft_eval.jsonl": task.SFT_EVAL_ROWS,
+        "rankings.jsonl": task.RANKING_ROWS,
+        "rankings_eval.jsonl": task.RANKING_EVAL_ROWS,
+        "prompts.jsonl": task.PROMPT_ROWS,
+        "prompts_heldout.jsonl": task.PROMPT_HELDOUT_ROWS,
     }
     assert len({r["prompt"] for r in data["prompts_heldout.jsonl"]}) == task.PROMPT_HELDOUT_ROWS
     assert sum((DATA_DIR / name).stat().st_size for name in FILES) < 1_000_000

@@ -43,8 +43,8 @@ def to_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
         for i, m in enumerate(value):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
                 raise UserError(
-                    f"{where}: field `{field}[{i}]` must be a message {{\"role\": one of {', '.join(ROLES)}, "
-                    f"\"content\": text}}, got {m!r:.80}"
+                    f'{where}: field `{field}[{i}]` must be a message {{"role": one of {", ".join(ROLES)}, '
+                    f'"content": text}}, got {m!r:.80}'
                 )
             out.append({"role": m["role"], "content": m["content"]})
         return out

@@ -36,7 +36,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {i}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+                raise UserError(
+                    f"{path}, line {i}: invalid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
     return rows
 
 
@@ -48,7 +50,7 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+        raise UserError(f'{path}: expected a JSON list of rows (or {{"data": [...]}})')
     return data
 
 

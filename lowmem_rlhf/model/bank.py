@@ -124,7 +124,7 @@ class AdapterBank:
                 role.head = ScalarHead(self.hidden_size).to(self.device)
         self.roles[name] = role
         # Keep the adapter that was active before (peft activates the first one it creates).
-        self.peft_model.base_model.set_adapter(next(iter(self.roles)))
+        self.peft_model.set_adapter(next(iter(self.roles)))
         self._apply_flags()
         return role
 
@@ -185,13 +185,13 @@ class AdapterBank:
                 if role is None:
                     stack.enter_context(model.disable_adapter())
                 else:
-                    model.base_model.set_adapter(role)
+                    model.set_adapter(role)
                 self._apply_flags()
                 model.train(train)
                 yield model
             finally:
                 stack.close()
-                model.base_model.set_adapter(saved_active)
+                model.set_adapter(saved_active)
                 for p, flag in saved_flags:
                     p.requires_grad_(flag)
                 for m, mode in saved_modes:

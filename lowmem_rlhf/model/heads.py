@@ -47,7 +47,8 @@ class ScalarHead(nn.Module):
         if not path.is_file():
             raise UserError(
                 f"{path} is missing: the adapter in {directory} needs its scalar head; it was saved without one or "
-                "the file was deleted. Re-run the stage that made it (with --force) instead of starting from a random head"
+                "the file was deleted. Re-run the stage that made it (with --force) instead of starting "
+                "from a random head"
             )
         with safe_open(str(path), framework="pt") as f:
             hidden_size = int(f.metadata()["hidden_size"])

@@ -41,7 +41,9 @@ def resolve_path(cfg: ModelConfig) -> str:
 
         return str(build_tiny())
     if cfg.name_or_path.startswith("builtin:"):
-        raise UserError(f"model.name_or_path: unknown builtin model {cfg.name_or_path!r}; the only one is {BUILTIN_TINY!r}")
+        raise UserError(
+            f"model.name_or_path: unknown builtin model {cfg.name_or_path!r}; the only one is {BUILTIN_TINY!r}"
+        )
     return cfg.name_or_path
 
 
@@ -94,6 +96,25 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+def _keep_cpu_4bit_differentiable(model) -> None:
+    """Stop bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place the first
+    time it runs in eval mode without gradients, and from then on always calls a kernel that has no
+    autograd support, even in train mode: gradients stop flowing through the frozen base, so LoRA
+    layers below it stop learning (torch warns "gemv_4bit: an autograd kernel was not registered").
+    RLHF alternates eval (rollout, scoring) and training on the same weights, so we keep the
+    standard, differentiable path.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(cfg: ModelConfig):
     """Load the base model once, quantized and frozen; returns (model, tokenizer).
 
@@ -126,5 +147,6 @@ def load_base(cfg: ModelConfig):
         ) from None
     for p in model.parameters():
         p.requires_grad_(False)
+    _keep_cpu_4bit_differentiable(model)
     model.config.use_cache = True  # generation needs the KV cache; training passes use_cache=False per call
     return model, tokenizer

@@ -35,8 +35,13 @@ def _load_examples(source: str, split: str, tokenizer, cfg: RecipeConfig, limit:
         rows = rows[:limit]
     examples, truncated = tokenize_sft(rows, tokenizer, cfg.sft.max_length, name)
     if truncated:
-        logger.warning("%s: %d of %d examples were longer than sft.max_length=%d and were truncated (see docs/data.md)",
-                       name, truncated, len(examples), cfg.sft.max_length)
+        logger.warning(
+            "%s: %d of %d examples were longer than sft.max_length=%d and were truncated (see docs/data.md)",
+            name,
+            truncated,
+            len(examples),
+            cfg.sft.max_length,
+        )
     return examples
 
 
@@ -89,7 +94,8 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     )
     result = loop.run()
     bank.save_role(ROLE, stage_dir)
-    manifest.mark_finished("sft", {"path": "sft", "steps": result.steps, "metrics": result.metrics,
-                                   "settings": fingerprint(settings)})
+    manifest.mark_finished(
+        "sft", {"path": "sft", "steps": result.steps, "metrics": result.metrics, "settings": fingerprint(settings)}
+    )
     logger.info("sft: adapter saved to %s", stage_dir)
     return stage_dir

@@ -45,7 +45,7 @@ def gold_report(
         chunk = prompts[i : i + batch_size]
         ids = [encode_prompt(tokenizer, to_messages(p, "prompt", "prompt")) for p in chunk]
         gen: Generation = generate(bank, role, ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, seed + i)
-        for p, r, e in zip(chunk, gen.response_ids, gen.ended):
+        for p, r, e in zip(chunk, gen.response_ids, gen.ended, strict=True):
             text = tokenizer.decode(r, skip_special_tokens=True).strip()
             samples.append((p, text, gold_score(p, text)))
             lengths.append(len(r))
@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(max_new_tokens=32, temperature=args.temperature)
     for label, role in (("untrained base", None), (args.stage, "policy")):
         rep = gold_report(bank, role, tokenizer, prompts, sampling)
-        print(f"{label}: mean gold score {rep.mean_gold:+.3f} on {len(prompts)} held-out prompts "
-              f"(EOS rate {rep.eos_rate:.0%}, mean length {rep.mean_length:.1f} tokens)")
+        print(
+            f"{label}: mean gold score {rep.mean_gold:+.3f} on {len(prompts)} held-out prompts "
+            f"(EOS rate {rep.eos_rate:.0%}, mean length {rep.mean_length:.1f} tokens)"
+        )
         for p, r, g in rep.samples[: args.show]:
             print(f"    {p!r} -> {r!r}  [gold {g:+.2f}]")
 

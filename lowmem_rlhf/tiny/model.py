@@ -73,8 +73,10 @@ def pretrain(model, tokenizer, lines: list[str], seed: int) -> None:
     from lowmem_rlhf.ops import masked_mean
 
     g = torch.Generator().manual_seed(seed)
-    docs = [[tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-            for line in lines]
+    docs = [
+        [tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        for line in lines
+    ]
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PRETRAIN_LR, total_steps=PRETRAIN_STEPS, pct_start=0.1)
     model.train()

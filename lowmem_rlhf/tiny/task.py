@@ -38,26 +38,60 @@ HELDOUT = "heldout"
 # --- knowledge -------------------------------------------------------------
 
 COLOR_FACTS = (
-    ("a banana", "yellow"), ("a lemon", "yellow"), ("corn", "yellow"),
-    ("the sun", "yellow"), ("an apple", "red"), ("a tomato", "red"),
-    ("a strawberry", "red"), ("a cherry", "red"), ("grass", "green"),
-    ("a frog", "green"), ("a leaf", "green"), ("a lime", "green"),
-    ("the sky", "blue"), ("the ocean", "blue"), ("a blueberry", "blue"),
-    ("snow", "white"), ("milk", "white"), ("a cloud", "white"),
-    ("coal", "black"), ("a crow", "black"), ("a carrot", "orange"),
-    ("a pumpkin", "orange"), ("chocolate", "brown"), ("a grape", "purple"),
+    ("a banana", "yellow"),
+    ("a lemon", "yellow"),
+    ("corn", "yellow"),
+    ("the sun", "yellow"),
+    ("an apple", "red"),
+    ("a tomato", "red"),
+    ("a strawberry", "red"),
+    ("a cherry", "red"),
+    ("grass", "green"),
+    ("a frog", "green"),
+    ("a leaf", "green"),
+    ("a lime", "green"),
+    ("the sky", "blue"),
+    ("the ocean", "blue"),
+    ("a blueberry", "blue"),
+    ("snow", "white"),
+    ("milk", "white"),
+    ("a cloud", "white"),
+    ("coal", "black"),
+    ("a crow", "black"),
+    ("a carrot", "orange"),
+    ("a pumpkin", "orange"),
+    ("chocolate", "brown"),
+    ("a grape", "purple"),
     ("an elephant", "gray"),
 )
 SOUND_FACTS = (
-    ("a cow", "moo"), ("a dog", "woof"), ("a cat", "meow"), ("a duck", "quack"),
-    ("a sheep", "baa"), ("a pig", "oink"), ("a horse", "neigh"), ("a lion", "roar"),
-    ("an owl", "hoot"), ("a snake", "hiss"), ("a bee", "buzz"), ("a frog", "ribbit"),
-    ("a mouse", "squeak"), ("a wolf", "howl"), ("a chick", "cheep"),
+    ("a cow", "moo"),
+    ("a dog", "woof"),
+    ("a cat", "meow"),
+    ("a duck", "quack"),
+    ("a sheep", "baa"),
+    ("a pig", "oink"),
+    ("a horse", "neigh"),
+    ("a lion", "roar"),
+    ("an owl", "hoot"),
+    ("a snake", "hiss"),
+    ("a bee", "buzz"),
+    ("a frog", "ribbit"),
+    ("a mouse", "squeak"),
+    ("a wolf", "howl"),
+    ("a chick", "cheep"),
 )
 OPPOSITE_PAIRS = (
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"),
-    ("day", "night"), ("wet", "dry"), ("loud", "quiet"), ("hard", "soft"),
-    ("tall", "short"), ("full", "empty"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("day", "night"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("tall", "short"),
+    ("full", "empty"),
 )
 """Each pair is asked both ways round, giving 20 opposite facts."""
 
@@ -67,13 +101,18 @@ OPPOSITE_PAIRS = (
 OPENERS = ("Sure!", "Happy to help.", "Good question.", "Of course.", "Great question!")
 NON_ANSWERS = ("I do not know.", "I have no idea.", "I cannot answer that.")
 RUDE_PHRASES = (
-    "Ugh, obviously.", "That is a dumb question.", "Duh, everyone knows that.",
-    "Stop asking me stupid things.", "Whatever.",
+    "Ugh, obviously.",
+    "That is a dumb question.",
+    "Duh, everyone knows that.",
+    "Stop asking me stupid things.",
+    "Whatever.",
 )
 RUDE_WORDS = frozenset({"ugh", "obviously", "dumb", "duh", "stupid", "whatever"})
 FILLERS = (
-    "Well, let me think about that.", "Okay, so, let me see here.",
-    "Hmm, let me work this out.", "Alright, I can answer this one.",
+    "Well, let me think about that.",
+    "Okay, so, let me see here.",
+    "Hmm, let me work this out.",
+    "Alright, I can answer this one.",
 )
 """Six-word clauses put before an answer: mildly wordy."""
 CLOSERS = ("I hope that answers your question.", "Let me know if that helps.")
@@ -150,8 +189,7 @@ def _add_fact(a: int, b: int) -> _Fact:
 _FACTS: dict[str, list[_Fact]] = {
     "color": [_Fact("color", p, v) for p, v in COLOR_FACTS],
     "sound": [_Fact("sound", p, v) for p, v in SOUND_FACTS],
-    "opposite": [_Fact("opposite", w, o) for pair in OPPOSITE_PAIRS
-                 for w, o in (pair, pair[::-1])],
+    "opposite": [_Fact("opposite", w, o) for pair in OPPOSITE_PAIRS for w, o in (pair, pair[::-1])],
     "add": [_add_fact(a, b) for a in range(10) for b in range(10)],
 }
 _LOOKUP = {kind: {f.phrase: f for f in _FACTS[kind]} for kind in ("color", "sound", "opposite")}
@@ -218,15 +256,13 @@ def prompt_split(prompt: str) -> str:
 def _strip_echo(tokens: list[str], fact: _Fact) -> list[str]:
     """Drop the restated question ("opposite of hot", "3 plus 4") so it is not read as an answer."""
     if fact.kind == "opposite":
-        return [t for i, t in enumerate(tokens)
-                if not (t == fact.phrase and i and tokens[i - 1] == "of")]
+        return [t for i, t in enumerate(tokens) if not (t == fact.phrase and i and tokens[i - 1] == "of")]
     if fact.kind != "add":
         return tokens
     operands = sorted((str(fact.a), str(fact.b)))
     kept, i = [], 0
     while i < len(tokens):
-        if (i + 2 < len(tokens) and tokens[i + 1] in ("plus", "and")
-                and sorted((tokens[i], tokens[i + 2])) == operands):
+        if i + 2 < len(tokens) and tokens[i + 1] in ("plus", "and") and sorted((tokens[i], tokens[i + 2])) == operands:
             i += 3
         else:
             kept.append(tokens[i])
@@ -337,8 +373,9 @@ def _wrong_value(rng: random.Random, fact: _Fact) -> str:
 
 def _pool(split: str) -> dict[str, list[_Item]]:
     """Every (template, fact) pair of a split, by kind."""
-    return {kind: [(t, f) for t in TEMPLATES if t.kind == kind and t.split == split
-                   for f in _FACTS[kind]] for kind in KINDS}
+    return {
+        kind: [(t, f) for t in TEMPLATES if t.kind == kind and t.split == split for f in _FACTS[kind]] for kind in KINDS
+    }
 
 
 def _quotas(n: int) -> dict[str, int]:
@@ -458,6 +495,7 @@ def write_data(out_dir: Path) -> dict[str, int]:
 
     Each file has its own seeded generator, so the output is byte-identical on re-run.
     """
+
     def rng(name: str) -> random.Random:
         return random.Random(f"{SEED}/{name}")
 
@@ -466,13 +504,12 @@ def write_data(out_dir: Path) -> dict[str, int]:
     files = {
         "sft.jsonl": _sft_rows(rng("sft"), _draw(rng("sft_draw"), sft_pool, SFT_ROWS)),
         "sft_eval.jsonl": _sft_rows(rng("sft_eval"), sft_eval),
-        "rankings.jsonl": _ranking_rows(
-            rng("rankings"), _draw(rng("rankings_draw"), train, RANKING_ROWS)),
+        "rankings.jsonl": _ranking_rows(rng("rankings"), _draw(rng("rankings_draw"), train, RANKING_ROWS)),
         "rankings_eval.jsonl": _ranking_rows(
-            rng("rankings_eval"), _draw(rng("rankings_eval_draw"), heldout, RANKING_EVAL_ROWS)),
+            rng("rankings_eval"), _draw(rng("rankings_eval_draw"), heldout, RANKING_EVAL_ROWS)
+        ),
         "prompts.jsonl": _prompt_rows(_draw(rng("prompts"), train, PROMPT_ROWS)),
-        "prompts_heldout.jsonl": _prompt_rows(
-            _draw(rng("prompts_heldout"), heldout, PROMPT_HELDOUT_ROWS)),
+        "prompts_heldout.jsonl": _prompt_rows(_draw(rng("prompts_heldout"), heldout, PROMPT_HELDOUT_ROWS)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
@@ -493,8 +530,7 @@ def corpus_text() -> str:
     numbers = [str(v) for v in range(22)]  # sums 0..18 and wrong sums up to 21
     lines = [_render(t, f) for t in TEMPLATES for f in _FACTS[t.kind]]
     lines += [_sentence(f, f.answer) for f in facts]
-    lines += [f"The answer is {v}." for v in (*_VALUES["color"], *_VALUES["sound"],
-                                               *_VALUES["opposite"], *numbers)]
+    lines += [f"The answer is {v}." for v in (*_VALUES["color"], *_VALUES["sound"], *_VALUES["opposite"], *numbers)]
     lines += [*OPENERS, *NON_ANSWERS, *RUDE_PHRASES, *FILLERS, *CLOSERS, *RAMBLES]
     return "\n".join(lines) + "\n"
 

@@ -98,14 +98,22 @@ class TrainLoop:
     ):
         self.name, self.bank, self.role, self.cfg = name, bank, role, cfg
         self.stage_dir = Path(stage_dir)
-        self.dataset, self.collate, self.loss_fn, self.weight_fn, self.eval_fn = dataset, collate, loss_fn, weight_fn, eval_fn
+        self.dataset, self.collate, self.loss_fn, self.weight_fn, self.eval_fn = (
+            dataset,
+            collate,
+            loss_fn,
+            weight_fn,
+            eval_fn,
+        )
         self.seed = seed
         self.fingerprint = fingerprint(settings)
         self.micro_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
-            self.total_steps = max(1, math.ceil(cfg.num_epochs * self.micro_per_epoch / cfg.gradient_accumulation_steps))
+            self.total_steps = max(
+                1, math.ceil(cfg.num_epochs * self.micro_per_epoch / cfg.gradient_accumulation_steps)
+            )
         self.params = bank.trainable_parameters()
         self.optimizer = build_optimizer(self.params, cfg, bank.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
@@ -154,7 +162,9 @@ class TrainLoop:
             },
             tmp / "state.pt",
         )
-        atomic_write_json(tmp / "state.json", {"step": step, "fingerprint": self.fingerprint, "total_steps": self.total_steps})
+        atomic_write_json(
+            tmp / "state.json", {"step": step, "fingerprint": self.fingerprint, "total_steps": self.total_steps}
+        )
         tmp.rename(final)  # a checkpoint exists under its final name only once it is complete
         for old in self.checkpoints()[: -max(self.cfg.save_total_limit, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -231,14 +241,22 @@ class TrainLoop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 at_end = step == self.total_steps
-                if self.eval_fn is not None and (at_end or (self.cfg.eval_steps > 0 and step % self.cfg.eval_steps == 0)):
+                if self.eval_fn is not None and (
+                    at_end or (self.cfg.eval_steps > 0 and step % self.cfg.eval_steps == 0)
+                ):
                     metrics.update(self.eval_fn(self.bank))
                 if at_end or step % self.cfg.logging_steps == 0 or any(k.startswith("eval_") for k in metrics):
                     metrics["epoch"] = step * self.cfg.gradient_accumulation_steps / self.micro_per_epoch
                     metrics["elapsed_s"] = time.perf_counter() - t0
                     log.log(step, metrics)
-                    bar.write(f"{self.name} step {step}/{self.total_steps}: " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k not in ("elapsed_s",)))
+                    bar.write(
+                        f"{self.name} step {step}/{self.total_steps}: "
+                        + ", ".join(
+                            f"{k}={v:.4g}"
+                            for k, v in metrics.items()
+                            if isinstance(v, float) and k not in ("elapsed_s",)
+                        )
+                    )
                 if at_end or (self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0):
                     self.save_checkpoint(step)
         except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
@@ -246,10 +264,14 @@ class TrainLoop:
             saved = self.save_checkpoint(step) if step > start else (self.checkpoints() or [None])[-1]
             where = f"progress is saved in {saved}" if saved else "no step had finished yet"
             if isinstance(e, KeyboardInterrupt):
-                raise UserError(f"{self.name} interrupted at step {step}/{self.total_steps}; {where}; re-run the same command to resume") from None
+                raise UserError(
+                    f"{self.name} interrupted at step {step}/{self.total_steps}; {where}; "
+                    "re-run the same command to resume"
+                ) from None
             raise UserError(
                 f"{self.name} ran out of GPU memory at step {step + 1}; {where}. Lower {self.name}.batch_size "
-                f"(and raise gradient_accumulation_steps to keep the effective batch) or max_length, then re-run to resume"
+                "(and raise gradient_accumulation_steps to keep the effective batch) or max_length, "
+                "then re-run to resume"
             ) from None
         finally:
             bar.close()

@@ -25,14 +25,18 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("report_to includes tensorboard but it is not installed; `pip install tensorboard`") from None
+                raise UserError(
+                    "report_to includes tensorboard but it is not installed; `pip install tensorboard`"
+                ) from None
             self._tb = SummaryWriter(log_dir=str(Path(stage_dir) / "tensorboard"))
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
                 raise UserError("report_to includes wandb but it is not installed; `pip install wandb`") from None
-            self._wandb = wandb.init(project="lowmem-rlhf", name=run_name, dir=str(stage_dir), config=config, resume="allow")
+            self._wandb = wandb.init(
+                project="lowmem-rlhf", name=run_name, dir=str(stage_dir), config=config, resume="allow"
+            )
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: they came from a run killed after its last checkpoint."""
@@ -42,7 +46,10 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
+        }
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

@@ -1,0 +1,172 @@
+"""Real model architectures as transformers config kwargs, and random-weight checkpoints built from them.
+
+Memory and speed depend on the shapes, not on the weights' values, so a checkpoint with random
+weights measures a real model without downloading it. The kwargs are copied from the public
+`config.json` of each model; `tiny` is for CPU smoke tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {**_LLAMA3_ROPE, "factor": 8.0},
+        "tie_word_embeddings": False,
+    },
+    "llama-3.2-3b": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {**_LLAMA3_ROPE, "factor": 32.0},
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": False,
+    },
+    # Hidden sizes are multiples of 64, as bitsandbytes' 4-bit blocks need.
+    "tiny": {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+}
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+
+
+def build_config(shape: str, **overrides: Any):
+    """The transformers config of `shape` (a key of SHAPES); `overrides` replace or add kwargs."""
+    from transformers import AutoConfig
+
+    if shape not in SHAPES:
+        raise KeyError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    kwargs = {**SHAPES[shape], **overrides}
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def param_count(config) -> int:
+    """Parameters of a Llama/Qwen2-style causal LM, from the config alone (nothing is allocated)."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+    attention = d * (q_out + 2 * kv_out) + q_out * d + (q_out + 2 * kv_out) * qkv_bias
+    mlp = 3 * d * config.intermediate_size + (2 * config.intermediate_size + d) * getattr(config, "mlp_bias", False)
+    if getattr(config, "attention_bias", False):
+        attention += d  # o_proj bias
+    per_layer = attention + mlp + 2 * d  # two RMSNorms
+    embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
+    return layers * per_layer + d + embeddings  # + final norm
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly `vocab_size` tokens (`<pad> <unk> <s> </s> t0 t1 ...`).
+
+    The benchmark feeds random token ids; the tokenizer only has to load through `load_base`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [*SPECIAL_TOKENS, *(f"t{i}" for i in range(vocab_size - len(SPECIAL_TOKENS)))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def build_random_checkpoint(shape: str, out_dir: Path, dtype: torch.dtype) -> Path:
+    """Build (once) a random-weight checkpoint of `shape` in `dtype` under `out_dir`; returns its folder.
+
+    Weights are initialised on the GPU when there is one (seconds instead of minutes for 8B) with seed 0,
+    saved as safetensors with a tokenizer, and cached by shape and dtype: a finished folder is reused.
+    The folder appears under its final name only once complete, so an interrupted build is redone.
+    """
+    from transformers import AutoModelForCausalLM
+
+    final = Path(out_dir) / f"{shape}-{str(dtype).removeprefix('torch.')}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(SHAPES[shape]["vocab_size"])
+    config = build_config(
+        shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".building-{shape}-"))
+    try:
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        gc.collect()  # free the full-precision weights before the benchmark measures memory
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,82 @@
+"""Shared fixtures: the tiny 4-bit model (built once per machine, cached) and small recipes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_rlhf.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    from lowmem_rlhf.tiny.model import build_tiny
+
+    return build_tiny()
+
+
+def tiny_recipe(output_dir: Path, **sft) -> dict:
+    """A small SFT recipe on the tiny model (CPU, NF4); keyword args override `sft` keys."""
+    return {
+        "output_dir": str(output_dir),
+        "seed": 7,
+        "stages": ["sft"],
+        "model": {"name_or_path": "builtin:tiny", "device": "cpu", "quantization": "nf4"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "sft": {
+            "dataset": "builtin:tiny/sft.jsonl",
+            "max_samples": 256,
+            "max_steps": 6,
+            "batch_size": 8,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "save_total_limit": 5,
+            "max_length": 96,
+            **sft,
+        },
+    }
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_path):
+    def make(name: str = "run", **sft):
+        return config_from_dict(tiny_recipe(tmp_path / name, **sft))
+
+    return make
+
+
+def base_fingerprint(model) -> str:
+    """Hash of every non-LoRA tensor of the (4-bit) base, including quantization constants."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
