@@ -19,7 +19,7 @@ from lowmem_rlhf.errors import UserError
 STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft"}
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True)
     if not verbose:
         # Library chatter that says nothing to our users (e.g. an optional CPU kernel package).
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except UserError as e:

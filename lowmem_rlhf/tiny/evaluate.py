@@ -59,6 +59,7 @@ def gold_report(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lowmem_rlhf.cli import setup_logging
     from lowmem_rlhf.config import config_from_dict, read_recipe
     from lowmem_rlhf.model.loading import load_base
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--show", type=int, default=5, help="samples to print per model")
     args = parser.parse_args(argv)
+    setup_logging(verbose=False)
     run_dir = Path(args.run_dir)
     cfg = config_from_dict(read_recipe(run_dir / "config.yaml"), where=str(run_dir / "config.yaml"))
     model, tokenizer = load_base(cfg.model)
