@@ -22,6 +22,7 @@ import yaml
 from lowmem_rlhf.errors import UserError
 
 STAGES = ("sft",)
+REPORT_SINKS = ("tensorboard", "wandb")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -94,6 +95,16 @@ class TrainingConfig:
     save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).")
     report_to: list[str] = _f([], "Extra metric sinks besides metrics.jsonl: tensorboard, wandb.")
     max_samples: int | None = _f(None, "Use only the first N training rows (quick experiments).")
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"`learning_rate` must be positive, got {self.learning_rate}")
+        for sink in self.report_to:
+            if sink not in REPORT_SINKS:
+                raise UserError(f"`report_to` has unknown sink {sink!r}; use any of {', '.join(REPORT_SINKS)}")
 
 
 @dataclass
@@ -229,7 +240,8 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+        msg = str(e).replace("`", f"`{prefix}", 1) if prefix else str(e)
+        raise UserError(f"{where}: {msg}") from None
 
 
 def config_from_dict(data: dict, where: str = "recipe") -> RecipeConfig:

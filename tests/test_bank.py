@@ -200,3 +200,15 @@ def test_chunked_model_logprobs_equal_full_logits(bank, chunk, padding_side):
         with torch.no_grad(), bank.use("policy") as m:
             single = token_logprobs(m, alone, torch.ones_like(alone), chunk_size=chunk)[0]
         torch.testing.assert_close(got[i][valid[i]], single, atol=2e-3, rtol=0)
+
+
+def test_flash_attention_without_gpu_or_package_is_a_clear_error(tiny_path):
+    with pytest.raises(UserError, match="flash_attention_2 needs a CUDA GPU; use sdpa"):
+        load_base(ModelConfig(device="cpu", attn_implementation="flash_attention_2"))
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(tiny_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        load_base(ModelConfig(device="cuda"))

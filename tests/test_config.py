@@ -42,6 +42,13 @@ def test_wrong_type_names_expected_and_given(tmp_path):
         load_config(write(tmp_path, "model: tiny\n"))
 
 
+def test_value_checks_name_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"`sft.batch_size` must be at least 1, got 0"):
+        load_config(write(tmp_path, "sft:\n  batch_size: 0\n"))
+    with pytest.raises(UserError, match=r"`sft.report_to` has unknown sink 'tensorbord'"):
+        load_config(write(tmp_path, "sft:\n  report_to: [tensorbord]\n"))
+
+
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     # YAML 1.1 reads 1e-4 as a string; a float field still accepts it.
     assert load_config(write(tmp_path, "sft:\n  learning_rate: 1e-4\n")).sft.learning_rate == 1e-4

@@ -30,6 +30,11 @@ def test_tiny_pipeline_makes_task_shaped_samples(tmp_path, tiny_path, capsys):
     assert tuned.mean_gold > base.mean_gold + 1.5
     assert tuned.eos_rate > 0.95
 
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "What is 2 plus 3?", "--json"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert '"response": ' in line and "5" in line
+
     # re-running skips the finished stage and leaves its adapter alone
     stamp = (out / "sft" / "adapter_model.safetensors").stat().st_mtime_ns
     assert main(["run", str(REPO / "recipes" / "tiny" / "pipeline.yaml"), f"output_dir={out}"]) == 0
