@@ -16,7 +16,7 @@ from pathlib import Path
 from lowmem_rlhf import __version__
 from lowmem_rlhf.errors import UserError
 
-STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft"}
+STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft", "rm": "lowmem_rlhf.stages.rm"}
 
 
 def setup_logging(verbose: bool) -> None:
@@ -89,18 +89,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lowmem_rlhf.config import config_from_dict, read_recipe
     from lowmem_rlhf.data.chat import encode_prompt, to_messages
     from lowmem_rlhf.data.formats import load_rows
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 
-    run_dir = Path(args.run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a run")
-    cfg = config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
+    run_dir, cfg = _load_run(args.run_dir)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         rows, name = load_rows(args.prompts_file)
@@ -126,6 +121,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run(run_dir: str):
+    """(run_dir, resolved config) of a finished or running pipeline folder."""
+    from lowmem_rlhf.config import config_from_dict, read_recipe
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a run")
+    return run, config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.data.formats import load_rows
+    from lowmem_rlhf.model.bank import AdapterBank
+    from lowmem_rlhf.model.loading import load_base
+    from lowmem_rlhf.model.scoring import score_texts
+    from lowmem_rlhf.stages.rm import ROLE, STATS_FILE
+    from lowmem_rlhf.train.io import atomic_write_text
+
+    run, cfg = _load_run(args.run_dir)
+    reward_dir = run / "reward"
+    rows, name = load_rows(args.input)
+    for i, row in enumerate(rows, start=1):
+        for key in ("prompt", "response"):
+            if key not in row:
+                raise UserError(f"{name}, row {i}: missing field `{key}` (score input rows are {{prompt, response}})")
+    model, tokenizer = load_base(cfg.model)
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    bank.add_role(ROLE, from_dir=reward_dir, head=True)
+    scores = score_texts(
+        bank,
+        ROLE,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        [r["response"] for r in rows],
+        batch_size=args.batch_size,
+        max_length=cfg.rm.max_length,
+    )
+    stats_path = reward_dir / STATS_FILE
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    lines = []
+    for row, s in zip(rows, scores, strict=True):
+        out = {**row, "reward": s}
+        if stats is not None:
+            out["reward_normalized"] = (s - stats["mean"]) / max(stats["std"], 1e-8)
+        lines.append(json.dumps(out, ensure_ascii=False))
+    atomic_write_text(args.output, "\n".join(lines) + "\n")
+    print(f"scored {len(rows)} rows with {reward_dir} -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowmem-rlhf",
@@ -142,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run stages that already finished")
     p.set_defaults(func=cmd_run)
 
-    for name, text in (("sft", "supervised fine-tuning of the policy adapter"),):
+    for name, text in (
+        ("sft", "supervised fine-tuning of the policy adapter"),
+        ("rm", "train the reward model (adapter + score head) on preference data"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="path of a YAML recipe")
         p.add_argument("overrides", nargs="*", help=overrides_help)
@@ -158,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path of a YAML recipe")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("score", help="score prompt/response rows with a run's reward model")
+    p.add_argument("run_dir", help="output_dir of a run whose rm stage finished")
+    p.add_argument("--input", required=True, help="JSONL/JSON/CSV/Parquet rows with `prompt` and `response`")
+    p.add_argument(
+        "--output", required=True, help="JSONL file to write: each row plus `reward` (and `reward_normalized`)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("generate", help="sample from a run's adapter for given prompts")
     p.add_argument("run_dir", help="output_dir of a run")
@@ -175,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`sft RECIPE --force a.b=1`): argparse leaves those unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     setup_logging(args.verbose)
     try:
         return args.func(args)

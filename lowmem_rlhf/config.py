@@ -21,7 +21,7 @@ import yaml
 
 from lowmem_rlhf.errors import UserError
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm")
 REPORT_SINKS = ("tensorboard", "wandb")
 
 
@@ -123,6 +123,111 @@ class SFTConfig(TrainingConfig):
 
 
 @dataclass
+class RewardConfig(TrainingConfig):
+    """Reward model: a LoRA adapter + fp32 score head on the shared base, trained with Bradley-Terry."""
+
+    dataset: str | None = _f(
+        None,
+        "Preference data (same sources as sft.dataset). Rows: {prompt, chosen, rejected}, "
+        "{prompt, responses: [best ... worst]} or {prompt, responses, scores}.",
+    )
+    dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
+    eval_dataset: str | None = _f(None, "Held-out preferences for accuracy, margin and length-bias diagnostics.")
+    eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
+    max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.")
+    init_from: Literal["sft", "fresh"] = _f(
+        "sft", "Start the reward adapter from the SFT adapter of this run (InstructGPT) or from a fresh LoRA."
+    )
+    use_margin: bool = _f(False, "Subtract each pair's margin (rating difference) inside the sigmoid (Llama 2).")
+    center_coef: float = _f(0.0, "Weight of the reward-centring term coef * (r_chosen + r_rejected)^2.")
+    stats_samples: int = _f(2000, "Training responses scored after training for the reward mean/std PPO uses.")
+
+
+@dataclass
+class PPOConfig:
+    """RL on one backbone: PPO with a critic (GAE) or critic-free GRPO / RLOO / ReMax."""
+
+    dataset: str | None = _f(None, "RL prompts: rows {prompt} (text or messages) or {messages}, same sources as sft.")
+    dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
+    eval_dataset: str | None = _f(None, "Held-out prompts sampled before and after training for the final report.")
+    eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
+    eval_samples: int = _f(64, "Held-out prompts used for the before/after report (0 = none).")
+    max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.")
+    advantage: Literal["gae", "grpo", "rloo", "remax"] = _f(
+        "gae", "gae = PPO with a critic; grpo / rloo / remax drop the value model and its memory."
+    )
+    critic: Literal["separate", "shared"] = _f(
+        "separate",
+        "separate = value LoRA initialised from the reward adapter; shared = a value head on the policy adapter.",
+    )
+    num_steps: int = _f(100, "PPO iterations (rollout + update).")
+    rollout_batch_size: int = _f(16, "Prompts per iteration.")
+    group_size: int = _f(4, "Samples per prompt for grpo and rloo (gae and remax use 1 sample + remax's greedy).")
+    mini_batch_size: int = _f(8, "Sequences per optimizer step within a PPO epoch.")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation inside a minibatch).")
+    ppo_epochs: int = _f(2, "Passes over each rollout.")
+    learning_rate: float = _f(1e-4, "Learning rate of the policy (and value) adapters.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("constant", "Learning-rate schedule after warmup.")
+    warmup_ratio: float = _f(0.0, "Fraction of the optimizer steps spent warming up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
+        "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
+    )
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
+    max_new_tokens: int = _f(64, "Longest response generated.")
+    temperature: float = _f(1.0, "Sampling temperature, also used for every log-prob of the policy (pitfall 6).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling; 0 = off.")
+    kl_coef: float = _f(0.05, "Initial KL penalty coefficient beta.")
+    kl_estimator: Literal["k1", "k2", "k3"] = _f("k1", "Per-token KL(policy || reference) estimator in the reward.")
+    adaptive_kl: bool = _f(False, "Adapt beta towards target_kl (Ziegler et al. 2019) instead of keeping it fixed.")
+    target_kl: float = _f(6.0, "Target KL (sum over a response) of the adaptive controller.")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples.")
+    normalize_reward: bool = _f(True, "Standardise reward-model scores with the RM's training mean/std.")
+    missing_eos_penalty: float = _f(0.0, "Subtracted from the score of a response that did not end with EOS.")
+    length_penalty: float = _f(0.0, "Subtracted from the score per response token.")
+    gamma: float = _f(1.0, "GAE discount.")
+    lam: float = _f(0.95, "GAE lambda.")
+    whiten_advantages: bool = _f(True, "Standardise advantages over each rollout.")
+    clip_range: float = _f(0.2, "PPO ratio clip epsilon.")
+    clip_range_value: float = _f(0.2, "Value clip range around the rollout's values.")
+    vf_coef: float = _f(0.5, "Weight of the value loss.")
+    entropy_coef: float = _f(0.0, "Weight of the entropy bonus (sample estimate -log p of the chosen tokens).")
+    ptx_coef: float = _f(0.0, "PPO-ptx: weight of the SFT language-model loss mixed into each update (InstructGPT).")
+    ptx_dataset: str | None = _f(None, "SFT-format data for PPO-ptx; defaults to sft.dataset.")
+    logging_steps: int = _f(1, "Log metrics every N iterations.")
+    sample_log_steps: int = _f(10, "Write a table of sample prompt/response/reward every N iterations.")
+    save_steps: int = _f(10, "Save a resumable checkpoint every N iterations; 0 = only at the end.")
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).")
+    report_to: list[str] = _f([], "Extra metric sinks besides metrics.jsonl: tensorboard, wandb.")
+
+    def __post_init__(self) -> None:
+        for key in (
+            "num_steps",
+            "rollout_batch_size",
+            "group_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "logging_steps",
+        ):
+            if getattr(self, key) < 1:
+                raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
+        if self.advantage in ("grpo", "rloo") and self.group_size < 2:
+            raise UserError(f"`group_size` must be at least 2 for advantage={self.advantage}, got {self.group_size}")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise UserError(
+                f"`mini_batch_size` ({self.mini_batch_size}) must be a multiple of `micro_batch_size` "
+                f"({self.micro_batch_size})"
+            )
+        for sink in self.report_to:
+            if sink not in REPORT_SINKS:
+                raise UserError(f"`report_to` has unknown sink {sink!r}; use any of {', '.join(REPORT_SINKS)}")
+
+
+@dataclass
 class RecipeConfig:
     """A whole pipeline run: which stages, on which model, written where."""
 
@@ -132,6 +237,7 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The frozen base model."})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA adapter shape for every role."})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Supervised fine-tuning stage."})
+    rm: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward-model stage (output: reward/)."})
 
     def __post_init__(self) -> None:
         for stage in self.stages:

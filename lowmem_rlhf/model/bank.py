@@ -75,11 +75,14 @@ class AdapterBank:
         copy_of: str | None = None,
         trainable: bool = False,
         head: bool = False,
+        fresh_head: bool = False,
     ) -> Role:
         """Register a role from a peft LoraConfig (fresh), a saved adapter folder, or a copy of a role.
 
         head=True gives the role an fp32 scalar head: loaded from `from_dir` (an error if missing),
-        copied from `copy_of`'s head, or freshly initialised for a new adapter.
+        copied from `copy_of`'s head (an error if it has none), or freshly initialised for a new
+        adapter. fresh_head=True starts a new head on a loaded or copied adapter (a reward model
+        initialised from the SFT adapter).
         """
         from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -91,7 +94,7 @@ class AdapterBank:
             raise ValueError("give exactly one of lora=, from_dir= or copy_of=")
 
         if copy_of is not None:
-            source = self._role(copy_of)
+            self._role(copy_of)
             lora = copy.deepcopy(self.peft_model.peft_config[copy_of])
             lora.inference_mode = False
         if from_dir is not None:
@@ -115,13 +118,13 @@ class AdapterBank:
 
         role = Role(name, trainable)
         if head:
-            if from_dir is not None:
+            if fresh_head or (lora is not None and copy_of is None):
+                role.head = ScalarHead(self.hidden_size).to(self.device)
+            elif from_dir is not None:
                 role.head = ScalarHead.load(from_dir, self.device)
-            elif copy_of is not None and source.head is not None:
-                role.head = ScalarHead(source.head.hidden_size).to(self.device)
-                role.head.load_state_dict(source.head.state_dict())
             else:
                 role.head = ScalarHead(self.hidden_size).to(self.device)
+                role.head.load_state_dict(self.head(copy_of).state_dict())
         self.roles[name] = role
         # Keep the adapter that was active before (peft activates the first one it creates).
         self.peft_model.set_adapter(next(iter(self.roles)))

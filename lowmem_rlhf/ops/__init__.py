@@ -4,6 +4,33 @@ Dims legend: b batch, t tokens, d hidden size, v vocab. Masks are bool, True = v
 """
 
 from lowmem_rlhf.ops.logprobs import chunked_logprobs
-from lowmem_rlhf.ops.stats import masked_mean
+from lowmem_rlhf.ops.preference import bradley_terry_loss, pairwise_accuracy, pearson
+from lowmem_rlhf.ops.rl import (
+    explained_variance,
+    gae_advantages,
+    group_advantages,
+    kl_penalty,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+)
+from lowmem_rlhf.ops.stats import masked_mean, masked_var, masked_whiten
 
-__all__ = ["chunked_logprobs", "masked_mean"]
+__all__ = [
+    "bradley_terry_loss",
+    "chunked_logprobs",
+    "explained_variance",
+    "gae_advantages",
+    "group_advantages",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "pairwise_accuracy",
+    "pearson",
+    "per_token_rewards",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "rloo_advantages",
+]

@@ -18,6 +18,9 @@ from lowmem_rlhf.train.loop import fingerprint
 
 logger = logging.getLogger(__name__)
 
+# Stage name (recipe key, CLI command) -> its folder in output_dir.
+STAGE_DIRS = {"sft": "sft", "rm": "reward"}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -52,6 +55,17 @@ class Manifest:
             atomic_write_json(self.path, self.data)
 
 
+def finished_stage_dir(cfg: RecipeConfig, stage: str, needed_by: str) -> tuple[Path, dict]:
+    """The folder of a stage this one builds on, with its manifest entry; an error if it has not finished."""
+    done = Manifest(Path(cfg.output_dir)).finished(stage)
+    if done is None:
+        raise UserError(
+            f"{needed_by} needs the finished {stage} stage of this run, but {Path(cfg.output_dir) / STAGE_DIRS[stage]} "
+            f"has none; list `{stage}` before `{needed_by}` in `stages` (or run `lowmem-rlhf {stage}` first)"
+        )
+    return Path(cfg.output_dir) / STAGE_DIRS[stage], done
+
+
 def begin_stage(cfg: RecipeConfig, stage: str, force: bool) -> tuple[Path, Manifest, bool]:
     """Prepare `output_dir/<stage>`; returns (stage_dir, manifest, already_finished).
 
@@ -64,7 +78,7 @@ def begin_stage(cfg: RecipeConfig, stage: str, force: bool) -> tuple[Path, Manif
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     manifest = Manifest(out)
-    stage_dir = out / stage
+    stage_dir = out / STAGE_DIRS[stage]
     done = manifest.finished(stage)
     if done and not force:
         if done.get("settings") != fingerprint(stage_settings(cfg, stage)):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from tqdm.auto import tqdm
 from lowmem_rlhf.config import TrainingConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
-from lowmem_rlhf.train.io import atomic_write_json
+from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -106,7 +104,6 @@ class TrainLoop:
             eval_fn,
         )
         self.seed = seed
-        self.fingerprint = fingerprint(settings)
         self.micro_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
@@ -117,7 +114,7 @@ class TrainLoop:
         self.params = bank.trainable_parameters()
         self.optimizer = build_optimizer(self.params, cfg, bank.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
-        self.ckpt_root = self.stage_dir / "checkpoints"
+        self.ckpt = Checkpointer(self.stage_dir / "checkpoints", cfg.save_total_limit, fingerprint(settings), name)
         self._order_cache: tuple[int, list[int]] | None = None
 
     # ------------------------------------------------------------------ data order
@@ -137,57 +134,13 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoints(self) -> list[Path]:
-        if not self.ckpt_root.is_dir():
-            return []
-        return sorted(p for p in self.ckpt_root.glob("step-*") if (p / "state.json").is_file())
-
     def save_checkpoint(self, step: int) -> Path:
-        final = self.ckpt_root / f"step-{step:07d}"
-        if final.exists():
-            return final
-        tmp = self.ckpt_root / f".tmp-step-{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(
-            {
-                "role": self.bank.state_dict(self.role),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {
-                    "python": random.getstate(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                },
-            },
-            tmp / "state.pt",
+        return self.ckpt.save(
+            step, bank=self.bank, roles=[self.role], optimizer=self.optimizer, scheduler=self.scheduler
         )
-        atomic_write_json(
-            tmp / "state.json", {"step": step, "fingerprint": self.fingerprint, "total_steps": self.total_steps}
-        )
-        tmp.rename(final)  # a checkpoint exists under its final name only once it is complete
-        for old in self.checkpoints()[: -max(self.cfg.save_total_limit, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
-    def load_checkpoint(self, path: Path) -> int:
-        import json
-
-        info = json.loads((path / "state.json").read_text())
-        if info["fingerprint"] != self.fingerprint:
-            raise UserError(
-                f"{path} was made with different {self.name} settings than this recipe; re-run with --force to "
-                f"start the stage over, or use another output_dir"
-            )
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        self.bank.load_state_dict(self.role, state["role"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return int(info["step"])
+    def checkpoints(self) -> list[Path]:
+        return self.ckpt.all()
 
     # ------------------------------------------------------------------ the loop
 
@@ -224,11 +177,13 @@ class TrainLoop:
     def run(self) -> LoopResult:
         log = MetricsLogger(self.stage_dir, self.cfg.report_to, run_name=f"{self.stage_dir.parent.name}/{self.name}")
         start = 0
-        ckpts = self.checkpoints()
-        if ckpts:
-            start = self.load_checkpoint(ckpts[-1])
+        latest = self.ckpt.latest()
+        if latest is not None:
+            start, _ = self.ckpt.load(
+                latest, bank=self.bank, roles=[self.role], optimizer=self.optimizer, scheduler=self.scheduler
+            )
             log.truncate_after(start)
-            logger.info("%s: resuming from %s (step %d of %d)", self.name, ckpts[-1], start, self.total_steps)
+            logger.info("%s: resuming from %s (step %d of %d)", self.name, latest, start, self.total_steps)
         step = start
         last: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=start, desc=self.name, unit="step", dynamic_ncols=True, disable=None)

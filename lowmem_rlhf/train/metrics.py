@@ -14,6 +14,7 @@ class MetricsLogger:
 
     def __init__(self, stage_dir: Path, report_to: list[str], run_name: str, config: dict | None = None):
         self.path = Path(stage_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
         self._wandb = None
         if "tensorboard" in report_to:

@@ -1,0 +1,150 @@
+"""Preference rows -> weighted (prompt, chosen, rejected) pairs -> token ids.
+
+Accepted rows (DESIGN.md), prompt as text or messages, responses as text or one assistant message:
+
+- pairs    `{"prompt", "chosen", "rejected"}`: one pair, weight 1;
+- rankings `{"prompt", "responses": [best, ..., worst]}`: all C(K, 2) pairs, each weighted
+  1 / C(K, 2) so a prompt counts once however many responses it has (InstructGPT);
+- ratings  `{"prompt", "responses", "scores"}`: a pair for every two responses with strictly
+  different scores (ties dropped), each weighted 1 / (number of pairs); the score difference is
+  the pair's margin (used when the stage asks for it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowmem_rlhf.data.chat import encode_prompt, encode_response, to_messages, to_text
+from lowmem_rlhf.data.sft import truncate
+from lowmem_rlhf.errors import UserError
+
+
+@dataclass
+class Pair:
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    weight: float = 1.0
+    margin: float = 0.0
+
+
+@dataclass
+class PairExample:
+    """Token ids of one pair: chosen and rejected are full sequences (prompt + response + EOS)."""
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_prompt_len: int
+    rejected_prompt_len: int
+    weight: float
+    margin: float
+
+
+def _number(value, where: str, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{where}: field `{field}` must be a number, got {value!r:.40}")
+    try:
+        out = float(value)
+    except ValueError:
+        raise UserError(f"{where}: field `{field}` must be a number, got {value!r:.40}") from None
+    if not math.isfinite(out):
+        raise UserError(f"{where}: field `{field}` must be finite, got {value!r}")
+    return out
+
+
+def normalize_preference_row(row: dict, where: str) -> list[Pair]:
+    """One preference row in any accepted format -> its weighted pairs (possibly none: all tied)."""
+    if "prompt" not in row:
+        raise UserError(f"{where}: missing field `prompt`")
+    prompt = to_messages(row["prompt"], where, "prompt")
+    if "chosen" in row or "rejected" in row:
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise UserError(f"{where}: missing field `{key}` (pair rows need both `chosen` and `rejected`)")
+        return [Pair(prompt, to_text(row["chosen"], where, "chosen"), to_text(row["rejected"], where, "rejected"))]
+    if "responses" not in row:
+        raise UserError(
+            f"{where}: no preference fields found (has {sorted(row)}); expected `chosen`+`rejected`, "
+            "`responses` (best first), or `responses`+`scores`"
+        )
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise UserError(f"{where}: field `responses` must be a list of at least 2 responses")
+    texts = [to_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
+    if "scores" not in row:  # a ranking, best first
+        n = len(texts) * (len(texts) - 1) // 2
+        return [Pair(prompt, texts[i], texts[j], 1.0 / n) for i, j in itertools.combinations(range(len(texts)), 2)]
+    scores = row["scores"]
+    if not isinstance(scores, list) or len(scores) != len(texts):
+        got = len(scores) if isinstance(scores, list) else type(scores).__name__
+        raise UserError(f"{where}: field `scores` must be a list as long as `responses` ({len(texts)}), got {got}")
+    values = [_number(s, where, f"scores[{i}]") for i, s in enumerate(scores)]
+    pairs = [
+        (i, j) if values[i] > values[j] else (j, i)
+        for i, j in itertools.combinations(range(len(texts)), 2)
+        if values[i] != values[j]
+    ]
+    return [Pair(prompt, texts[i], texts[j], 1.0 / len(pairs), values[i] - values[j]) for i, j in pairs]
+
+
+def expand_rows(rows: list[dict], source: str) -> tuple[list[Pair], int]:
+    """Every row's pairs; returns the pairs and how many rows gave none (all responses tied)."""
+    pairs, tied = [], 0
+    for i, row in enumerate(rows, start=1):
+        row_pairs = normalize_preference_row(row, f"{source}, row {i}")
+        tied += not row_pairs
+        pairs.extend(row_pairs)
+    return pairs, tied
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int) -> tuple[list[PairExample], int]:
+    """Token ids of every pair (SFT's truncation policy per sequence); returns examples and #truncated."""
+    examples, truncated = [], 0
+    prompt_cache: dict[str, list[int]] = {}
+    for pair in pairs:
+        key = repr(pair.prompt)
+        if key not in prompt_cache:
+            prompt_cache[key] = encode_prompt(tokenizer, pair.prompt)
+        prompt_ids = prompt_cache[key]
+        seqs = []
+        for text in (pair.chosen, pair.rejected):
+            response = encode_response(tokenizer, text)
+            p, r = truncate(prompt_ids, response, max_length)
+            truncated += (len(p), len(r)) != (len(prompt_ids), len(response))
+            seqs.append((p + r, len(p)))
+        (c, cp), (r, rp) = seqs
+        examples.append(PairExample(c, r, cp, rp, pair.weight, pair.margin))
+    return examples, truncated
+
+
+def pad_sequences(rows: list[list[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows; masks come from lengths, so pad == eos is safe."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = True
+    return ids, mask
+
+
+def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2n sequences: the n chosen first, then the n rejected (one forward pass)."""
+    seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    input_ids, attention_mask = pad_sequences(seqs, pad_id)
+    lengths = torch.tensor(
+        [len(e.chosen_ids) - e.chosen_prompt_len for e in examples]
+        + [len(e.rejected_ids) - e.rejected_prompt_len for e in examples]
+    )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_lengths": lengths,
+        "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
+        "margins": torch.tensor([e.margin for e in examples], dtype=torch.float32),
+    }
