@@ -16,7 +16,7 @@ from pathlib import Path
 from lowmem_rlhf import __version__
 from lowmem_rlhf.errors import UserError
 
-STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft", "rm": "lowmem_rlhf.stages.rm"}
+STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft", "rm": "lowmem_rlhf.stages.rm", "ppo": "lowmem_rlhf.stages.ppo"}
 
 
 def setup_logging(verbose: bool) -> None:
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("sft", "supervised fine-tuning of the policy adapter"),
         ("rm", "train the reward model (adapter + score head) on preference data"),
+        ("ppo", "RL on the shared backbone: PPO, GRPO, RLOO or ReMax (ppo.advantage)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="path of a YAML recipe")

@@ -21,7 +21,7 @@ import yaml
 
 from lowmem_rlhf.errors import UserError
 
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "ppo")
 REPORT_SINKS = ("tensorboard", "wandb")
 
 
@@ -238,6 +238,7 @@ class RecipeConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA adapter shape for every role."})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Supervised fine-tuning stage."})
     rm: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward-model stage (output: reward/)."})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "RL stage: PPO, GRPO, RLOO or ReMax."})
 
     def __post_init__(self) -> None:
         for stage in self.stages:

@@ -12,21 +12,14 @@ from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.sft import collate_sft, tokenize_sft
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
-from lowmem_rlhf.model.forward import token_logprobs
 from lowmem_rlhf.model.loading import load_base, load_tokenizer
 from lowmem_rlhf.stages.common import begin_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.loop import TrainLoop, fingerprint
+from lowmem_rlhf.train.losses import sft_loss_sum
 
 logger = logging.getLogger(__name__)
 
 ROLE = "policy"
-
-
-def sft_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed negative log-likelihood of the response tokens (prompt tokens are not labels)."""
-    logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_size)
-    mask = batch["response_mask"][:, 1:]  # position i predicts token i + 1
-    return -(logprobs * mask).sum(), {}
 
 
 def _load_examples(source: str, split: str, tokenizer, cfg: RecipeConfig, limit: int | None):

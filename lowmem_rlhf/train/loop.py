@@ -70,6 +70,14 @@ def build_scheduler(optimizer, cfg: TrainingConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def interrupted(exc: BaseException, name: str, step: int, total: int, saved: Path | None, lower: str) -> UserError:
+    """The one-line error for Ctrl-C or out-of-memory, after the last finished step was saved."""
+    where = f"progress is saved in {saved}" if saved else "no step had finished yet"
+    if isinstance(exc, KeyboardInterrupt):
+        return UserError(f"{name} interrupted at step {step}/{total}; {where}; re-run the same command to resume")
+    return UserError(f"{name} ran out of GPU memory at step {step + 1}; {where}. Lower {lower}, then re-run to resume")
+
+
 def fingerprint(data: Any) -> str:
     """A short hash of the settings a checkpoint depends on; resuming under other settings is refused."""
     return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
@@ -216,17 +224,14 @@ class TrainLoop:
                     self.save_checkpoint(step)
         except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
             self.optimizer.zero_grad(set_to_none=True)
-            saved = self.save_checkpoint(step) if step > start else (self.checkpoints() or [None])[-1]
-            where = f"progress is saved in {saved}" if saved else "no step had finished yet"
-            if isinstance(e, KeyboardInterrupt):
-                raise UserError(
-                    f"{self.name} interrupted at step {step}/{self.total_steps}; {where}; "
-                    "re-run the same command to resume"
-                ) from None
-            raise UserError(
-                f"{self.name} ran out of GPU memory at step {step + 1}; {where}. Lower {self.name}.batch_size "
-                "(and raise gradient_accumulation_steps to keep the effective batch) or max_length, "
-                "then re-run to resume"
+            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
+            raise interrupted(
+                e,
+                self.name,
+                step,
+                self.total_steps,
+                saved,
+                f"{self.name}.batch_size (raise gradient_accumulation_steps to keep the effective batch) or max_length",
             ) from None
         finally:
             bar.close()

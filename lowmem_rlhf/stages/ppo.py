@@ -1,0 +1,211 @@
+"""RL stage: PPO (critic, GAE) or GRPO / RLOO / ReMax, all roles on one frozen 4-bit backbone.
+
+Output `output_dir/ppo/`: the policy adapter (standard PEFT layout; with `critic: shared` its value
+head is saved beside it), `value/` (the critic, for `critic: separate`), `metrics.jsonl`,
+`samples.jsonl` (prompt/response/reward tables), `eval.json` (held-out gold score and reward of the
+SFT policy before and the RL policy after) and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+
+from lowmem_rlhf.config import PPOConfig, RecipeConfig
+from lowmem_rlhf.data.formats import load_rows
+from lowmem_rlhf.data.preference import pad_sequences
+from lowmem_rlhf.data.prompts import tokenize_prompts
+from lowmem_rlhf.data.sft import collate_sft
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.bank import AdapterBank
+from lowmem_rlhf.model.loading import load_base, load_tokenizer
+from lowmem_rlhf.model.scoring import sequence_scores
+from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
+from lowmem_rlhf.train.io import atomic_write_json
+from lowmem_rlhf.train.loop import fingerprint
+from lowmem_rlhf.train.ppo import GoldFn, PPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_rl_bank(model, sft_dir: Path, reward_dir: Path, pc: PPOConfig, gradient_checkpointing: bool) -> AdapterBank:
+    """policy = trainable copy of SFT; reference = frozen SFT; reward = frozen RM + head; value (GAE only)."""
+    bank = AdapterBank(model, gradient_checkpointing=gradient_checkpointing)
+    shared = pc.advantage == "gae" and pc.critic == "shared"
+    bank.add_role("policy", from_dir=sft_dir, trainable=True, head=shared, fresh_head=shared)
+    bank.add_role("reference", copy_of="policy", head=False)
+    bank.add_role("reward", from_dir=reward_dir, head=True)
+    if pc.advantage == "gae" and pc.critic == "separate":
+        bank.add_role("value", copy_of="reward", trainable=True, head=True)
+    if shared:  # the value head starts from the reward model's score head
+        with torch.no_grad():
+            bank.head("policy").load_state_dict(bank.head("reward").state_dict())
+    return bank
+
+
+def tiny_gold_fn(prompt_texts: list[str]) -> GoldFn | None:
+    """The bundled task's gold scorer when every prompt is one of its prompts, else None."""
+    from lowmem_rlhf.tiny.task import gold_score, parse_prompt
+
+    try:
+        for p in prompt_texts:
+            parse_prompt(p)
+    except ValueError:
+        return None
+    return gold_score
+
+
+@torch.no_grad()
+def sample_report(
+    bank: AdapterBank,
+    role: str,
+    tokenizer,
+    prompts: list[list[int]],
+    texts: list[str],
+    sampling: SamplingConfig,
+    seed: int,
+    gold_fn: GoldFn | None,
+    batch_size: int = 64,
+) -> dict:
+    """Mean RM reward (raw), gold score, length and EOS rate of one sample per prompt from `role`."""
+    rewards, golds, lengths, ended = [], [], [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        gen = generate(bank, role, chunk, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, seed + i)
+        ids, mask = pad_sequences([p + r for p, r in zip(chunk, gen.response_ids, strict=True)], tokenizer.pad_token_id)
+        with bank.use("reward") as m:
+            rewards.extend(sequence_scores(m, bank.head("reward"), ids.to(bank.device), mask.to(bank.device)).tolist())
+        for t, r in zip(texts[i : i + batch_size], gen.response_ids, strict=True):
+            if gold_fn is not None:
+                golds.append(gold_fn(t, tokenizer.decode(r, skip_special_tokens=True).strip()))
+        lengths.extend(len(r) for r in gen.response_ids)
+        ended.extend(gen.ended)
+    out = {
+        "reward": statistics.fmean(rewards),
+        "length": statistics.fmean(lengths),
+        "eos_rate": sum(ended) / len(ended),
+    }
+    if golds:
+        out["gold"] = statistics.fmean(golds)
+    return out
+
+
+def evaluate_roles(bank, tokenizer, prompts, texts, pc: PPOConfig, seed: int, gold_fn, roles: dict[str, str]) -> dict:
+    """{label: {greedy: ..., sampled: ...}} for each role, on the same prompts and seeds."""
+    greedy = SamplingConfig(pc.max_new_tokens, 0.0)
+    sampled = SamplingConfig(pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k)
+    return {
+        label: {
+            "greedy": sample_report(bank, role, tokenizer, prompts, texts, greedy, seed, gold_fn),
+            "sampled": sample_report(bank, role, tokenizer, prompts, texts, sampled, seed, gold_fn),
+        }
+        for label, role in roles.items()
+    }
+
+
+def run(cfg: RecipeConfig, force: bool = False) -> Path:
+    """Run (or resume, or skip) the RL stage; returns `output_dir/ppo`."""
+    pc = cfg.ppo
+    if pc.dataset is None:
+        raise UserError("recipe: `ppo.dataset` is not set; point it at a file of RL prompts (see docs/data.md)")
+    sft_dir, sft_done = finished_stage_dir(cfg, "sft", "ppo")
+    reward_dir, rm_done = finished_stage_dir(cfg, "rm", "ppo")
+    settings = {**stage_settings(cfg, "ppo"), "sft": sft_done.get("settings"), "rm": rm_done.get("settings")}
+    stage_dir, manifest, done = begin_stage(cfg, "ppo", force)
+    if done:
+        return stage_dir
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    rows, name = load_rows(pc.dataset, pc.dataset_split)
+    prompts, texts, cut = tokenize_prompts(rows, tokenizer, pc.max_prompt_length, name)
+    if cut:
+        logger.warning("%s: %d prompts were longer than ppo.max_prompt_length and were cut from the left", name, cut)
+    eval_prompts, eval_texts = [], []
+    if pc.eval_dataset and pc.eval_samples > 0:
+        erows, ename = load_rows(pc.eval_dataset, pc.eval_split)
+        eval_prompts, eval_texts, _ = tokenize_prompts(erows[: pc.eval_samples], tokenizer, pc.max_prompt_length, ename)
+    ptx = None
+    if pc.ptx_coef > 0:
+        ptx = _ptx_source(cfg, tokenizer)
+
+    model, tokenizer = load_base(cfg.model)
+    bank = build_rl_bank(model, sft_dir, reward_dir, pc, pc.gradient_checkpointing)
+    stats = rm_done.get("reward_stats")
+    gold_fn = tiny_gold_fn(texts + eval_texts)
+    report: dict = {}
+    if eval_prompts:
+        report["sft"] = evaluate_roles(
+            bank, tokenizer, eval_prompts, eval_texts, pc, cfg.seed, gold_fn, {"sft": "reference"}
+        )["sft"]
+        seed_everything(cfg.seed)
+    trainer = PPOTrainer(
+        bank,
+        pc,
+        stage_dir,
+        prompts,
+        texts,
+        tokenizer,
+        cfg.seed,
+        settings,
+        stats,
+        cfg.model.logprob_chunk_size,
+        gold_fn,
+        ptx,
+    )
+    result = trainer.run()
+    bank.save_role("policy", stage_dir)
+    if trainer.value_role == "value":
+        bank.save_role("value", stage_dir / "value")
+    if eval_prompts:
+        report["ppo"] = evaluate_roles(
+            bank, tokenizer, eval_prompts, eval_texts, pc, cfg.seed, gold_fn, {"ppo": "policy"}
+        )["ppo"]
+        atomic_write_json(stage_dir / "eval.json", report)
+        for mode in ("greedy", "sampled"):
+            before, after = report["sft"][mode], report["ppo"][mode]
+            gold = f", gold {before['gold']:+.3f} -> {after['gold']:+.3f}" if "gold" in before else ""
+            logger.info(
+                "ppo: held-out %s samples: RM reward %+.3f -> %+.3f%s (SFT -> %s), length %.1f -> %.1f tokens",
+                mode,
+                before["reward"],
+                after["reward"],
+                gold,
+                pc.advantage,
+                before["length"],
+                after["length"],
+            )
+    manifest.mark_finished(
+        "ppo",
+        {
+            "path": "ppo",
+            "steps": result.steps,
+            "metrics": result.metrics,
+            "eval": report,
+            "settings": fingerprint(settings),
+        },
+    )
+    logger.info("ppo: policy adapter saved to %s", stage_dir)
+    return stage_dir
+
+
+def _ptx_source(cfg: RecipeConfig, tokenizer):
+    """k -> the k-th SFT batch (deterministic, so PPO-ptx resumes exactly)."""
+    from lowmem_rlhf.data.sft import tokenize_sft
+
+    source = cfg.ppo.ptx_dataset or cfg.sft.dataset
+    if source is None:
+        raise UserError("ppo.ptx_coef > 0 needs SFT data: set ppo.ptx_dataset (or sft.dataset)")
+    rows, name = load_rows(source, cfg.sft.dataset_split)
+    examples, _ = tokenize_sft(rows, tokenizer, cfg.sft.max_length, name)
+    bs = cfg.ppo.micro_batch_size
+
+    def batch(k: int) -> dict:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + k)
+        idx = torch.randint(len(examples), (bs,), generator=g).tolist()
+        return collate_sft([examples[i] for i in idx], tokenizer.pad_token_id)
+
+    return batch

@@ -1,0 +1,486 @@
+"""The RL loop on one backbone: PPO with a critic (GAE), or critic-free GRPO / RLOO / ReMax.
+
+Every model is a role of the same AdapterBank: `policy` (trainable), `reference` (frozen copy of
+SFT), `reward` (frozen RM + score head) and, for GAE, `value` (trainable, from the RM) or a value
+head on the policy (`critic: shared`). One iteration reads like the algorithm:
+
+    1. rollout      sample responses from the policy (eval mode, KV cache, stop at EOS)
+    2. score        reward role at the last real token; normalise; EOS / length penalties
+    3. old/ref/V    policy, reference and value passes, same temperature, dropout off (pitfall 6)
+    4. rewards      per token -beta * KL(policy || reference), the score added at the last token
+    5. advantages   GAE with the critic, or group / leave-one-out / greedy baselines
+    6. PPO epochs   clipped policy loss (+ clipped value loss, entropy, PPO-ptx) over minibatches
+
+Dropout is switched off in the whole model for RL (as TRL does): then the first minibatch of every
+iteration sees exactly the rollout's log-probs, ratio 1 and approx-KL 0. The first PPO epoch visits
+the rollout in its own order, in the same micro-batches the old log-probs were computed in, so the
+equality is exact, not approximate; later epochs shuffle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowmem_rlhf.config import PPOConfig
+from lowmem_rlhf.data.preference import pad_sequences
+from lowmem_rlhf.model.bank import AdapterBank
+from lowmem_rlhf.model.forward import causal_lm, hidden_states
+from lowmem_rlhf.model.scoring import sequence_scores
+from lowmem_rlhf.ops import (
+    chunked_logprobs,
+    explained_variance,
+    gae_advantages,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+)
+from lowmem_rlhf.ops.preference import pearson
+from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.train.checkpoint import Checkpointer
+from lowmem_rlhf.train.loop import build_optimizer, build_scheduler, fingerprint, interrupted
+from lowmem_rlhf.train.losses import sft_loss_sum
+from lowmem_rlhf.train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+GoldFn = Callable[[str, str], float]
+
+
+class Rollout(NamedTuple):
+    """One iteration's experience. b sequences; p prompt width (left padded); t response width (right padded).
+
+    input_ids, attention_mask: (b, p + t) prompt then response; response_mask: (b, t) True on generated
+    tokens up to and including EOS; logprobs, ref_logprobs: (b, t) fp32 at the sampling temperature;
+    values: (b, t) or None without a critic; raw_scores: (b,) reward-model scores; scores: (b,) the
+    normalised, penalised scores used; kl: (b, t) per-token KL estimate used in the reward;
+    advantages: (b, t); returns: (b, t) or None without a critic.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_width: int
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    prompt_index: list[int]
+    response_ids: list[list[int]]
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, value: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def response_forward(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    temperature: float,
+    chunk_size: int,
+    value_head: nn.Module | None = None,
+    need_logprobs: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(log-probs, values) of the response tokens, both (b, t); position p-1+i predicts response token i."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    t = input_ids.shape[1] - prompt_width
+    h = hidden[:, prompt_width - 1 : prompt_width - 1 + t]
+    logprobs = None
+    if need_logprobs:
+        head = causal_lm(model).get_output_embeddings()
+        logprobs = chunked_logprobs(h, head, input_ids[:, prompt_width:], chunk_size, temperature)
+    values = value_head(h) if value_head is not None else None
+    return logprobs, values
+
+
+@dataclass
+class PPOResult:
+    steps: int
+    metrics: dict
+    resumed_from: int
+
+
+class PPOTrainer:
+    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`."""
+
+    def __init__(
+        self,
+        bank: AdapterBank,
+        pc: PPOConfig,
+        stage_dir: Path,
+        prompts: list[list[int]],
+        prompt_texts: list[str],
+        tokenizer,
+        seed: int,
+        settings: dict,
+        reward_stats: dict | None,
+        chunk_size: int,
+        gold_fn: GoldFn | None = None,
+        ptx_batches: Callable[[int], dict] | None = None,
+    ):
+        self.bank, self.pc, self.stage_dir = bank, pc, Path(stage_dir)
+        self.prompts, self.prompt_texts, self.tok = prompts, prompt_texts, tokenizer
+        self.seed, self.chunk, self.gold_fn, self.ptx_batches = seed, chunk_size, gold_fn, ptx_batches
+        self.reward_stats = reward_stats if pc.normalize_reward else None
+        self.critic = pc.advantage == "gae"
+        self.value_role = ("value" if pc.critic == "separate" else "policy") if self.critic else None
+        self.train_roles = ["policy"] + (["value"] if self.value_role == "value" else [])
+        disable_dropout(bank.peft_model)
+        self.samples_per_prompt = pc.group_size if pc.advantage in ("grpo", "rloo") else 1
+        self.rollout_size = pc.rollout_batch_size * self.samples_per_prompt
+        updates = pc.num_steps * pc.ppo_epochs * math.ceil(self.rollout_size / pc.mini_batch_size)
+        self.params = bank.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, pc, bank.device)
+        self.scheduler = build_scheduler(self.optimizer, pc, updates)
+        self.kl_ctl = AdaptiveKLController(pc.kl_coef, pc.target_kl if pc.adaptive_kl else None, pc.kl_horizon)
+        self.ckpt = Checkpointer(self.stage_dir / "checkpoints", pc.save_total_limit, fingerprint(settings), "ppo")
+        self.sampling = SamplingConfig(pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k)
+        self.last_rollout: Rollout | None = None
+
+    # ------------------------------------------------------------------ 1-5: experience
+
+    def prompt_indices(self, step: int) -> list[int]:
+        """The prompts of iteration `step`: consecutive slices of a per-epoch permutation (resumable)."""
+        n, b = len(self.prompts), self.pc.rollout_batch_size
+        out = []
+        for k in range(step * b, (step + 1) * b):
+            epoch, pos = divmod(k, n)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            out.append(torch.randperm(n, generator=g)[pos].item())
+        return out
+
+    def _scores(self, raw: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        pc = self.pc
+        s = raw
+        if self.reward_stats is not None:
+            s = (s - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-8)
+        s = s - pc.missing_eos_penalty * (~ended).float() - pc.length_penalty * response_mask.sum(1).float()
+        return s
+
+    @torch.no_grad()
+    def _score_raw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out, mb = [], self.pc.micro_batch_size
+        with self.bank.use("reward") as m:
+            for i in range(0, len(input_ids), mb):
+                out.append(
+                    sequence_scores(m, self.bank.head("reward"), input_ids[i : i + mb], attention_mask[i : i + mb])
+                )
+        return torch.cat(out).float()
+
+    @torch.no_grad()
+    def _pass(self, role: str, ids, mask, p: int, value_head=None, need_logprobs=True):
+        """Log-probs and/or values of every rollout row, micro-batch by micro-batch in rollout order."""
+        logps, vals, mb = [], [], self.pc.micro_batch_size
+        with self.bank.use(role) as m:
+            for i in range(0, len(ids), mb):
+                lp, v = response_forward(
+                    m, ids[i : i + mb], mask[i : i + mb], p, self.pc.temperature, self.chunk, value_head, need_logprobs
+                )
+                logps.append(lp)
+                vals.append(v)
+        return (torch.cat(logps) if need_logprobs else None), (torch.cat(vals) if value_head is not None else None)
+
+    def _batch(self, prompts: list[list[int]], responses: list[list[int]]):
+        device = self.bank.device
+        q_ids, q_mask = pad_sequences(prompts, self.tok.pad_token_id, "left")
+        r_ids, r_mask = pad_sequences([r or [self.tok.eos_token_id] for r in responses], self.tok.pad_token_id)
+        r_mask &= torch.tensor([bool(r) for r in responses])[:, None]
+        ids = torch.cat([q_ids, r_ids], 1).to(device)
+        mask = torch.cat([q_mask, r_mask], 1).to(device)
+        return ids, mask, r_mask.to(device), q_ids.shape[1]
+
+    def rollout(self, step: int) -> Rollout:
+        pc = self.pc
+        index = [i for i in self.prompt_indices(step) for _ in range(self.samples_per_prompt)]
+        prompts = [self.prompts[i] for i in index]
+        # 1. generate trajectories (eval mode, KV cache, stop at EOS)
+        gen = generate(self.bank, "policy", prompts, self.sampling, self.tok.eos_token_id, self.tok.pad_token_id)
+        ids, mask, rmask, p = self._batch(prompts, gen.response_ids)
+        ended = torch.tensor(gen.ended, device=ids.device)
+        # 2. rewards from the reward role at the last real token
+        raw = self._score_raw(ids, mask)
+        scores = self._scores(raw, rmask, ended)
+        # 3. old log-probs (+ shared values), reference log-probs, values
+        shared_head = self.bank.head("policy") if self.value_role == "policy" else None
+        logprobs, values = self._pass("policy", ids, mask, p, shared_head)
+        ref_logprobs, _ = self._pass("reference", ids, mask, p)
+        if self.value_role == "value":
+            _, values = self._pass("value", ids, mask, p, self.bank.head("value"), need_logprobs=False)
+        # 4. per-token KL(policy || reference): the same tensor is logged and used
+        kl = torch.where(rmask, kl_penalty(logprobs, ref_logprobs, pc.kl_estimator), 0.0)
+        beta = self.kl_ctl.value
+        # 5. advantages
+        returns = None
+        if self.critic:
+            rewards = per_token_rewards(scores, kl, beta, rmask)
+            advantages, returns = gae_advantages(rewards, values, rmask, pc.gamma, pc.lam)
+            if pc.whiten_advantages:
+                advantages = masked_whiten(advantages, rmask)
+        else:
+            seq_reward = scores - beta * kl.sum(1)
+            if pc.advantage == "grpo":
+                seq_adv = group_advantages(seq_reward, self.samples_per_prompt)
+            elif pc.advantage == "rloo":
+                seq_adv = rloo_advantages(seq_reward, self.samples_per_prompt)
+            else:  # remax: the greedy response's score is the baseline
+                greedy = generate(
+                    self.bank,
+                    "policy",
+                    prompts,
+                    SamplingConfig(pc.max_new_tokens, 0.0),
+                    self.tok.eos_token_id,
+                    self.tok.pad_token_id,
+                )
+                g_ids, g_mask, g_rmask, _ = self._batch(prompts, greedy.response_ids)
+                g_scores = self._scores(
+                    self._score_raw(g_ids, g_mask), g_rmask, torch.tensor(greedy.ended, device=ids.device)
+                )
+                seq_adv = seq_reward - g_scores
+            advantages = seq_adv[:, None] * rmask
+        return Rollout(
+            ids,
+            mask,
+            rmask,
+            p,
+            logprobs,
+            ref_logprobs,
+            values,
+            raw,
+            scores,
+            kl,
+            advantages,
+            returns,
+            index,
+            gen.response_ids,
+        )
+
+    # ------------------------------------------------------------------ 6: PPO epochs
+
+    def update(self, ro: Rollout, step: int) -> dict[str, float]:
+        pc, n = self.pc, len(ro.input_ids)
+        n_minibatches = math.ceil(n / pc.mini_batch_size)
+        sums: dict[str, float] = {}
+        count = 0
+        first_dev = 0.0
+        for epoch in range(pc.ppo_epochs):
+            order = torch.arange(n) if epoch == 0 else torch.randperm(n)
+            for mb_start in range(0, n, pc.mini_batch_size):
+                mb = order[mb_start : mb_start + pc.mini_batch_size]
+                mb_tokens = ro.response_mask[mb].sum().clamp(min=1)
+                for mi in range(0, len(mb), pc.micro_batch_size):
+                    idx = mb[mi : mi + pc.micro_batch_size]
+                    stats = self._micro_step(ro, idx, float(ro.response_mask[idx].sum() / mb_tokens))
+                    if epoch == 0 and mb_start == 0:
+                        first_dev = max(first_dev, stats.pop("max_logratio"))
+                    else:
+                        stats.pop("max_logratio")
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                if self.ptx_batches is not None and pc.ptx_coef > 0:
+                    k = (step * pc.ppo_epochs + epoch) * n_minibatches + mb_start // pc.mini_batch_size
+                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + self._ptx_step(k) * (len(mb) / pc.micro_batch_size)
+                if pc.max_grad_norm > 0:
+                    norm = float(torch.nn.utils.clip_grad_norm_(self.params, pc.max_grad_norm))
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm * (len(mb) / pc.micro_batch_size)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        metrics = {k: v / count for k, v in sums.items()}
+        metrics["first_minibatch_max_logratio"] = first_dev
+        return metrics
+
+    def _micro_step(self, ro: Rollout, idx: torch.Tensor, weight: float) -> dict[str, float]:
+        pc = self.pc
+        ids, mask, rmask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+        shared_head = self.bank.head("policy") if self.value_role == "policy" else None
+        with self.bank.use("policy", train=True) as m:
+            logp, values = response_forward(m, ids, mask, ro.prompt_width, pc.temperature, self.chunk, shared_head)
+            pg_loss, pg = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, pc.clip_range)
+            entropy = masked_mean(-logp.detach(), rmask)  # sample estimate of the per-token entropy
+            loss = pg_loss
+            if pc.entropy_coef:
+                loss = loss - pc.entropy_coef * masked_mean(-logp, rmask)
+            stats = {
+                "pg_loss": pg_loss.item(),
+                "clipfrac": float(pg["clipfrac"]),
+                "approx_kl": float(pg["approx_kl"]),
+                "entropy": float(entropy),
+                "max_logratio": float(torch.where(rmask, (logp.detach() - ro.logprobs[idx]).abs(), 0).max()),
+            }
+            if self.value_role == "policy":
+                v_loss, vs = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, pc.clip_range_value)
+                loss = loss + pc.vf_coef * v_loss
+                stats.update(value_loss=v_loss.item(), value_clipfrac=float(vs["value_clipfrac"]))
+            (loss * weight).backward()
+        if self.value_role == "value":
+            with self.bank.use("value", train=True) as m:
+                _, values = response_forward(
+                    m,
+                    ids,
+                    mask,
+                    ro.prompt_width,
+                    pc.temperature,
+                    self.chunk,
+                    self.bank.head("value"),
+                    need_logprobs=False,
+                )
+                v_loss, vs = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, pc.clip_range_value)
+                (pc.vf_coef * v_loss * weight).backward()
+            stats.update(value_loss=v_loss.item(), value_clipfrac=float(vs["value_clipfrac"]))
+        return stats
+
+    def _ptx_step(self, k: int) -> float:
+        """PPO-ptx: the SFT loss of the k-th SFT batch, scaled by ptx_coef, added to this minibatch's gradient."""
+        batch = {key: v.to(self.bank.device) for key, v in self.ptx_batches(k).items()}
+        tokens = batch["response_mask"][:, 1:].sum().clamp(min=1)
+        with self.bank.use("policy", train=True) as m:
+            loss_sum, _ = sft_loss_sum(m, batch, self.chunk)
+            loss = loss_sum / tokens
+            (self.pc.ptx_coef * loss).backward()
+        return loss.item()
+
+    # ------------------------------------------------------------------ logging and the loop
+
+    def rollout_metrics(self, ro: Rollout) -> dict[str, float]:
+        lengths = ro.response_mask.sum(1).float()
+        kl_seq = ro.kl.sum(1)
+        m = {
+            "reward_raw": float(ro.raw_scores.mean()),
+            "reward": float(ro.scores.mean()),
+            "kl": float(kl_seq.mean()),
+            "kl_coef": self.kl_ctl.value,
+            "response_length": float(lengths.mean()),
+            "eos_rate": float(
+                torch.tensor([bool(r) and r[-1] == self.tok.eos_token_id for r in ro.response_ids]).float().mean()
+            ),
+            "reward_length_corr": float(pearson(ro.raw_scores.cpu(), lengths.cpu())),
+            "advantage_std": float(masked_mean(ro.advantages.square(), ro.response_mask).sqrt()),
+        }
+        if ro.values is not None:
+            m["explained_variance"] = float(explained_variance(ro.values, ro.returns, ro.response_mask))
+        if self.gold_fn is not None:
+            m["gold"] = sum(self.gold_fn(p, r) for p, r in self._texts(ro)) / len(ro.response_ids)
+        return m
+
+    def _texts(self, ro: Rollout) -> list[tuple[str, str]]:
+        return [
+            (self.prompt_texts[i], self.tok.decode(r, skip_special_tokens=True).strip())
+            for i, r in zip(ro.prompt_index, ro.response_ids, strict=True)
+        ]
+
+    def _log_samples(self, step: int, ro: Rollout, n: int = 8) -> None:
+        rows = []
+        for (p, r), s in list(zip(self._texts(ro), ro.raw_scores.tolist(), strict=True))[:n]:
+            row = {"step": step, "prompt": p, "response": r, "reward": s}
+            if self.gold_fn is not None:
+                row["gold"] = self.gold_fn(p, r)
+            rows.append(json.dumps(row, ensure_ascii=False))
+        with (self.stage_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+            f.write("\n".join(rows) + "\n")
+
+    def save_checkpoint(self, step: int) -> Path:
+        return self.ckpt.save(
+            step,
+            bank=self.bank,
+            roles=self.train_roles,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={"kl_coef": self.kl_ctl.value},
+        )
+
+    def run(self) -> PPOResult:
+        pc = self.pc
+        log = MetricsLogger(self.stage_dir, pc.report_to, run_name=f"{self.stage_dir.parent.name}/ppo")
+        start = 0
+        latest = self.ckpt.latest()
+        if latest is not None:
+            start, extra = self.ckpt.load(
+                latest, bank=self.bank, roles=self.train_roles, optimizer=self.optimizer, scheduler=self.scheduler
+            )
+            self.kl_ctl.value = extra["kl_coef"]
+            log.truncate_after(start)
+            logger.info("ppo: resuming from %s (iteration %d of %d)", latest, start, pc.num_steps)
+        step, last = start, {}
+        bar = tqdm(total=pc.num_steps, initial=start, desc=f"ppo ({pc.advantage})", unit="it", disable=None)
+        t0 = time.perf_counter()
+        try:
+            while step < pc.num_steps:
+                ro = self.rollout(step)
+                self.last_rollout = ro
+                metrics = self.rollout_metrics(ro)
+                metrics.update(self.update(ro, step))
+                self.kl_ctl.update(metrics["kl"], len(ro.input_ids))
+                step += 1
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                metrics["elapsed_s"] = time.perf_counter() - t0
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+                if step % pc.logging_steps == 0 or step == pc.num_steps:
+                    log.log(step, metrics)
+                    shown = (
+                        "reward_raw",
+                        "gold",
+                        "kl",
+                        "kl_coef",
+                        "response_length",
+                        "eos_rate",
+                        "clipfrac",
+                        "value_loss",
+                        "explained_variance",
+                    )
+                    bar.write(
+                        f"ppo step {step}/{pc.num_steps}: "
+                        + ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+                    )
+                if step % pc.sample_log_steps == 0 or step == pc.num_steps:
+                    self._log_samples(step, ro)
+                if step == pc.num_steps or (pc.save_steps > 0 and step % pc.save_steps == 0):
+                    self.save_checkpoint(step)
+        except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
+            raise interrupted(
+                e, "ppo", step, pc.num_steps, saved, "rollout_batch_size or micro_batch_size (or max_new_tokens)"
+            ) from None
+        finally:
+            bar.close()
+            log.close()
+        return PPOResult(step, last, start)

@@ -1,0 +1,217 @@
+"""PPO / GRPO / RLOO / ReMax on the tiny 4-bit model: pitfalls 1, 4, 5, 6, 7, 12, 13 and frozen roles."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import base_fingerprint, tiny_recipe
+from safetensors.torch import load_file
+
+from lowmem_rlhf.config import ModelConfig, config_from_dict
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.bank import AdapterBank
+from lowmem_rlhf.model.loading import load_base
+from lowmem_rlhf.ops import gae_advantages, kl_penalty, masked_whiten, per_token_rewards
+from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.stages import ppo, rm, sft
+from lowmem_rlhf.train.metrics import read_metrics
+from lowmem_rlhf.train.ppo import PPOTrainer
+
+
+def recipe(out, **ppo_keys) -> dict:
+    data = tiny_recipe(out, max_steps=6, save_steps=0)
+    data["stages"] = ["sft", "rm", "ppo"]
+    data["rm"] = {
+        "dataset": "builtin:tiny/rankings.jsonl",
+        "max_samples": 64,
+        "max_steps": 4,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 3e-3,
+        "save_steps": 0,
+        "max_length": 96,
+        "stats_samples": 32,
+    }
+    data["ppo"] = {
+        "dataset": "builtin:tiny/prompts.jsonl",
+        "num_steps": 3,
+        "rollout_batch_size": 8,
+        "mini_batch_size": 4,
+        "micro_batch_size": 2,
+        "ppo_epochs": 2,
+        "learning_rate": 1e-3,
+        "max_new_tokens": 12,
+        "save_steps": 0,
+        "group_size": 2,
+        **ppo_keys,
+    }
+    return data
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tiny_path):
+    out = tmp_path_factory.mktemp("ppo") / "base"
+    cfg = config_from_dict(recipe(out))
+    sft.run(cfg)
+    rm.run(cfg)
+    return out
+
+
+def fork(base_run, dst, **ppo_keys):
+    shutil.copytree(base_run, dst)
+    return config_from_dict(recipe(dst, **ppo_keys))
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """Runs PPO normally but keeps the trainer and the role weights from before training."""
+    seen = {}
+    real_run = PPOTrainer.run
+
+    def run(self):
+        b = self.bank
+        seen["before"] = {r: b.state_dict(r) for r in b.roles}
+        seen["base"] = base_fingerprint(b.peft_model)
+        seen["trainer"] = self
+        return real_run(self)
+
+    monkeypatch.setattr(PPOTrainer, "run", run)
+    return seen
+
+
+def test_ppo_invariants_and_frozen_roles(base_run, tmp_path, capture):
+    cfg = fork(base_run, tmp_path / "run")
+    out = ppo.run(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    # pitfall 1: reference = frozen copy of the (non-zero) SFT adapter, so step-0 KL is exactly 0 ...
+    assert rows[0]["kl"] == 0.0
+    # ... and pitfall 6: each iteration's first minibatch reproduces the rollout log-probs exactly (ratio 1)
+    assert all(r["first_minibatch_max_logratio"] == 0.0 for r in rows)
+    # pitfall 13: reward-hacking signals are logged
+    for key in (
+        "response_length",
+        "eos_rate",
+        "reward_length_corr",
+        "kl",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "reward_raw",
+        "reward",
+        "gold",
+    ):
+        assert all(key in r for r in rows), key
+
+    t, before = capture["trainer"], capture["before"]
+    bank = t.bank
+    sft_b = load_file(str(base_run / "sft" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in sft_b.items() if "lora_B" in k)  # the SFT adapter is non-zero
+    for role in ("reference", "reward"):
+        after = bank.state_dict(role)
+        assert all(torch.equal(after[k], v) for k, v in before[role].items()), role
+    assert "head.linear.weight" in before["reward"]  # the score head is part of what stayed identical
+    assert base_fingerprint(bank.peft_model) == capture["base"]
+    for role in ("policy", "value"):
+        after = bank.state_dict(role)
+        assert any(not torch.equal(after[k], v) for k, v in before[role].items()), role
+    held = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for r in ("policy", "value") for p in bank.role_parameters(r)}
+
+    # pitfall 7: the KL that is logged is the KL used in the rewards, masked by the response mask
+    ro = t.last_rollout
+    expected_kl = torch.where(ro.response_mask, kl_penalty(ro.logprobs, ro.ref_logprobs, "k1"), 0.0)
+    assert torch.equal(ro.kl, expected_kl)
+    assert rows[-1]["kl"] == pytest.approx(float(ro.kl.sum(1).mean()), rel=1e-6)
+    beta = rows[-1]["kl_coef"]
+    rewards = per_token_rewards(ro.scores, ro.kl, beta, ro.response_mask)
+    adv, ret = gae_advantages(rewards, ro.values, ro.response_mask, 1.0, 0.95)
+    torch.testing.assert_close(ro.advantages, masked_whiten(adv, ro.response_mask))
+    torch.testing.assert_close(ro.returns, ret)
+
+    # pitfall 4: generation stops at EOS and nothing after it is a response token
+    eos = t.tok.eos_token_id
+    for i, r in enumerate(ro.response_ids):
+        assert int(ro.response_mask[i].sum()) == len(r)
+        assert eos not in r[:-1]
+        assert not ro.response_mask[i, len(r) :].any()
+    # outputs: policy adapter, separate critic with its head, samples and the run summary
+    assert (out / "adapter_model.safetensors").is_file() and (out / "value" / "head.safetensors").is_file()
+    assert json.loads((out / "samples.jsonl").read_text().splitlines()[0])["response"] is not None
+
+
+def test_greedy_generation_batched_equals_unbatched(base_run):
+    model, tok = load_base(ModelConfig(device="cpu"))
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    bank.add_role("policy", from_dir=base_run / "sft")
+    from lowmem_rlhf.data.chat import encode_prompt
+
+    texts = ["What is 2 plus 3?", "Tell me the color of a banana.", "What does a cow say?", "Add 7 and 1."]
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the batch really is left-padded
+    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    batched = generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id).response_ids
+    alone = [generate(bank, "policy", [p], greedy, tok.eos_token_id, tok.pad_token_id).response_ids[0] for p in prompts]
+    assert batched == alone
+
+
+@pytest.mark.parametrize(
+    ("keys", "value_role"),
+    [
+        ({"advantage": "grpo"}, None),
+        ({"advantage": "rloo"}, None),
+        ({"advantage": "remax"}, None),
+        ({"advantage": "gae", "critic": "shared", "ptx_coef": 0.5}, "policy"),
+    ],
+)
+def test_other_estimators(base_run, tmp_path, capture, keys, value_role):
+    out = ppo.run(fork(base_run, tmp_path / "run", num_steps=2, **keys))
+    t = capture["trainer"]
+    assert t.value_role == value_role
+    assert ("value" in t.bank.roles) is False
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[0]["kl"] == 0.0 and all(r["first_minibatch_max_logratio"] == 0.0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["pg_loss"])) for r in rows)
+    if "ptx_coef" in keys:
+        assert all(r["ptx_loss"] > 0 for r in rows)
+        assert (out / "head.safetensors").is_file()  # the shared critic's value head is saved with the policy
+    after = t.bank.state_dict("policy")
+    assert any(not torch.equal(after[k], v) for k, v in capture["before"]["policy"].items())
+    if keys["advantage"] in ("grpo", "rloo"):
+        ro = t.last_rollout
+        assert len(ro.input_ids) == 8 * 2 and ro.prompt_index[0] == ro.prompt_index[1]  # k samples per prompt
+
+
+def test_ppo_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
+    full = ppo.run(fork(base_run, tmp_path / "full", num_steps=4, save_steps=2))
+    cfg = fork(base_run, tmp_path / "resumed", num_steps=4, save_steps=2)
+    real = PPOTrainer.update
+
+    def crash(self, ro, step):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real(self, ro, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(PPOTrainer, "update", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            ppo.run(cfg)
+    resumed = ppo.run(cfg)
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/head.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(resumed / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    fm, rmx = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rmx] == [1, 2, 3, 4]
+    assert [r["reward_raw"] for r in fm] == [r["reward_raw"] for r in rmx]
+
+
+def test_ppo_needs_finished_sft_and_rm(tmp_path, tiny_path):
+    with pytest.raises(UserError, match="needs the finished sft stage"):
+        ppo.run(config_from_dict(recipe(tmp_path / "empty")))
+
+
+def test_group_estimators_need_groups(tmp_path):
+    with pytest.raises(UserError, match="`ppo.group_size` must be at least 2 for advantage=grpo"):
+        config_from_dict(recipe(tmp_path, advantage="grpo", group_size=1))
