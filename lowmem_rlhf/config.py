@@ -215,6 +215,8 @@ class PPOConfig:
         ):
             if getattr(self, key) < 1:
                 raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise UserError(f"`temperature` must be positive for RL sampling, got {self.temperature}")
         if self.advantage in ("grpo", "rloo") and self.group_size < 2:
             raise UserError(f"`group_size` must be at least 2 for advantage={self.advantage}, got {self.group_size}")
         if self.mini_batch_size % self.micro_batch_size:

@@ -1,7 +1,7 @@
 """Gold-score evaluation on the bundled task: sample from a run's policy (or the untrained base) on the
 held-out prompts and score the samples with the task's gold scorer.
 
-    python -m lowmem_rlhf.tiny.evaluate runs/tiny [--stage sft] [--n 64]
+    python -m lowmem_rlhf.tiny.evaluate runs/tiny [--stages sft ppo] [--n 64]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--stage", default="sft")
+    parser.add_argument("--stages", nargs="+", default=["sft", "ppo"], help="stage adapters to compare (if present)")
     parser.add_argument("--n", type=int, default=64, help="held-out prompts to sample (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--show", type=int, default=5, help="samples to print per model")
@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_dict(read_recipe(run_dir / "config.yaml"), where=str(run_dir / "config.yaml"))
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=False)
-    bank.add_role("policy", from_dir=run_dir / args.stage)
+    stages = [s for s in args.stages if (run_dir / s / "adapter_config.json").is_file()]
+    for stage in stages:
+        bank.add_role(stage, from_dir=run_dir / stage)
     prompts = heldout_prompts(args.n)
     sampling = SamplingConfig(max_new_tokens=32, temperature=args.temperature)
-    for label, role in (("untrained base", None), (args.stage, "policy")):
+    for label, role in [("untrained base", None), *[(s, s) for s in stages]]:
         rep = gold_report(bank, role, tokenizer, prompts, sampling)
         print(
             f"{label}: mean gold score {rep.mean_gold:+.3f} on {len(prompts)} held-out prompts "
