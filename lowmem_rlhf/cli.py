@@ -16,7 +16,12 @@ from pathlib import Path
 from lowmem_rlhf import __version__
 from lowmem_rlhf.errors import UserError
 
-STAGE_COMMANDS = {"sft": "lowmem_rlhf.stages.sft", "rm": "lowmem_rlhf.stages.rm", "ppo": "lowmem_rlhf.stages.ppo"}
+STAGE_COMMANDS = {
+    "sft": "lowmem_rlhf.stages.sft",
+    "rm": "lowmem_rlhf.stages.rm",
+    "ppo": "lowmem_rlhf.stages.ppo",
+    "dpo": "lowmem_rlhf.stages.dpo",
+}
 
 
 def setup_logging(verbose: bool) -> None:
@@ -192,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning of the policy adapter"),
         ("rm", "train the reward model (adapter + score head) on preference data"),
         ("ppo", "RL on the shared backbone: PPO, GRPO, RLOO or ReMax (ppo.advantage)"),
+        ("dpo", "DPO from the SFT adapter against a frozen copy of it on the same backbone"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="path of a YAML recipe")

@@ -21,7 +21,7 @@ import yaml
 
 from lowmem_rlhf.errors import UserError
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
 REPORT_SINKS = ("tensorboard", "wandb")
 
 
@@ -144,6 +144,34 @@ class RewardConfig(TrainingConfig):
 
 
 @dataclass
+class DPOConfig(TrainingConfig):
+    """DPO: the policy adapter (from SFT) against a frozen copy of the SFT adapter on the same base."""
+
+    dataset: str | None = _f(None, "Preference data, same formats as rm.dataset (pairs, rankings, ratings).")
+    dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
+    eval_dataset: str | None = _f(None, "Held-out preferences for eval loss, accuracy and margins.")
+    eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
+    max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.")
+    beta: float = _f(0.1, "Strength of the implicit KL constraint to the reference.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = _f(
+        "sigmoid", "sigmoid (DPO), ipo, hinge (SLiC) or robust (noise-robust DPO)."
+    )
+    label_smoothing: float = _f(0.0, "Assumed share of flipped labels for sigmoid (cDPO) and robust losses.")
+    precompute_ref_logprobs: bool = _f(
+        False, "Compute every reference log-prob once before training instead of a reference pass per step."
+    )
+    kl_samples: int = _f(64, "Prompts sampled after training to measure the policy's KL to the reference (0 = off).")
+    max_new_tokens: int = _f(64, "Longest response sampled for the KL measurement.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise UserError(f"`beta` must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"`label_smoothing` must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
 class PPOConfig:
     """RL on one backbone: PPO with a critic (GAE) or critic-free GRPO / RLOO / ReMax."""
 
@@ -241,6 +269,7 @@ class RecipeConfig:
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Supervised fine-tuning stage."})
     rm: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward-model stage (output: reward/)."})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "RL stage: PPO, GRPO, RLOO or ReMax."})
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "DPO stage, the alternative to RM + PPO."})
 
     def __post_init__(self) -> None:
         for stage in self.stages:

@@ -141,9 +141,14 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.T
         [len(e.chosen_ids) - e.chosen_prompt_len for e in examples]
         + [len(e.rejected_ids) - e.rejected_prompt_len for e in examples]
     )
+    prompt_lens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
+    response_mask = attention_mask.clone()
+    for i, p in enumerate(prompt_lens):
+        response_mask[i, :p] = False
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
+        "response_mask": response_mask,
         "response_lengths": lengths,
         "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
         "margins": torch.tensor([e.margin for e in examples], dtype=torch.float32),

@@ -200,6 +200,16 @@ class AdapterBank:
                 for m, mode in saved_modes:
                     m.training = mode
 
+    def disable_dropout(self) -> None:
+        """Set every dropout (LoRA's included) to p=0, so train-mode and eval-mode passes agree exactly.
+
+        RL and DPO need it (TRL does the same): the policy's log-probs during an update must equal
+        the ones measured at rollout / against the reference when the weights are the same.
+        """
+        for m in self.peft_model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+
     def head(self, name: str) -> ScalarHead:
         head = self._role(name).head
         if head is None:

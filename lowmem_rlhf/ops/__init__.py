@@ -4,7 +4,7 @@ Dims legend: b batch, t tokens, d hidden size, v vocab. Masks are bool, True = v
 """
 
 from lowmem_rlhf.ops.logprobs import chunked_logprobs
-from lowmem_rlhf.ops.preference import bradley_terry_loss, pairwise_accuracy, pearson
+from lowmem_rlhf.ops.preference import bradley_terry_loss, dpo_loss, pairwise_accuracy, pearson
 from lowmem_rlhf.ops.rl import (
     explained_variance,
     gae_advantages,
@@ -20,6 +20,7 @@ from lowmem_rlhf.ops.stats import masked_mean, masked_var, masked_whiten
 __all__ = [
     "bradley_terry_loss",
     "chunked_logprobs",
+    "dpo_loss",
     "explained_variance",
     "gae_advantages",
     "group_advantages",

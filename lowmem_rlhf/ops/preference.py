@@ -34,3 +34,39 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
     return (x * y).sum() / denom if denom > 0 else torch.zeros((), dtype=torch.float64)
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and implicit rewards from (n,) summed response log-probs.
+
+    h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)). Losses: `sigmoid` (Rafailov et
+    al.; with label_smoothing = conservative DPO), `robust` (Chowdhury et al. 2024, unbiased under
+    label noise), `hinge` (SLiC: relu(1 - beta h)), `ipo` (Azar et al.: (h - 1/(2 beta))^2).
+    Returns (losses, chosen_rewards, rejected_rewards), rewards = beta * (log pi - log ref).
+    When policy == reference, h = 0: the sigmoid loss is log 2 and both rewards are 0.
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "robust":
+        losses = (-F.logsigmoid(beta * h) * (1 - label_smoothing) + F.logsigmoid(-beta * h) * label_smoothing) / (
+            1 - 2 * label_smoothing
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; use one of {', '.join(DPO_LOSSES)}")
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()

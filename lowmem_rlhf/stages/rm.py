@@ -128,7 +128,8 @@ def train_reward(
         settings=settings,
     )
     result = loop.run()
-    diagnostics = eval_fn(bank) if evals else {}
+    # the loop evaluates after its last step; those are the final diagnostics
+    diagnostics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     return result, diagnostics
 
 

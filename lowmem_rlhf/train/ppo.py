@@ -101,12 +101,6 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_samples / self.horizon
 
 
-def disable_dropout(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
 def response_forward(
     model,
     input_ids: torch.Tensor,
@@ -161,7 +155,7 @@ class PPOTrainer:
         self.critic = pc.advantage == "gae"
         self.value_role = ("value" if pc.critic == "separate" else "policy") if self.critic else None
         self.train_roles = ["policy"] + (["value"] if self.value_role == "value" else [])
-        disable_dropout(bank.peft_model)
+        bank.disable_dropout()
         self.samples_per_prompt = pc.group_size if pc.advantage in ("grpo", "rloo") else 1
         self.rollout_size = pc.rollout_batch_size * self.samples_per_prompt
         updates = pc.num_steps * pc.ppo_epochs * math.ceil(self.rollout_size / pc.mini_batch_size)

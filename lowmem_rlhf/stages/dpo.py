@@ -1,0 +1,216 @@
+"""DPO: the policy adapter, started from SFT, against a frozen copy of the SFT adapter on one base.
+
+We reuse our loop rather than TRL's DPOTrainer: the same weighted preference pairs as the reward
+model (a K-way ranking's pairs share one prompt's weight), the one chat rendering, chunked log-probs,
+and the checkpoints that resume bit for bit. Dropout is off (as TRL does by default), so at step 0
+the policy equals the reference exactly: the loss is log 2 and the implicit rewards are 0.
+
+Output `output_dir/dpo/`: the policy adapter, `metrics.jsonl` (loss, preference accuracy, margins,
+chosen/rejected log-probs and rewards), `diagnostics.json` (held-out numbers and the KL of samples
+to the reference), checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lowmem_rlhf.config import DPOConfig, RecipeConfig
+from lowmem_rlhf.data.formats import load_rows
+from lowmem_rlhf.data.preference import PairExample, collate_pairs, expand_rows, pad_sequences, tokenize_pairs
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.bank import AdapterBank
+from lowmem_rlhf.model.forward import token_logprobs
+from lowmem_rlhf.model.loading import load_base, load_tokenizer
+from lowmem_rlhf.ops import dpo_loss, pairwise_accuracy
+from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
+from lowmem_rlhf.train.io import atomic_write_json
+from lowmem_rlhf.train.loop import LoopResult, TrainLoop, fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def sequence_logprobs(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed log-probs of each sequence's response tokens (EOS included)."""
+    logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_size)
+    return (logprobs * batch["response_mask"][:, 1:]).sum(1)
+
+
+def dpo_loss_sum(bank: AdapterBank, model, batch: dict, dc: DPOConfig, chunk: int) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of per-pair DPO losses; the reference pass runs on the frozen SFT copy."""
+    n = batch["weights"].shape[0]
+    policy = sequence_logprobs(model, batch, chunk)
+    if "ref_logps" in batch:
+        ref = batch["ref_logps"]
+    else:
+        with torch.no_grad(), bank.use("reference") as ref_model:
+            ref = sequence_logprobs(ref_model, batch, chunk)
+    losses, r_chosen, r_rejected = dpo_loss(
+        policy[:n], policy[n:], ref[:n], ref[n:], dc.beta, dc.loss_type, dc.label_smoothing
+    )
+    w = batch["weights"]
+    metrics = {
+        "accuracy": float((pairwise_accuracy(r_chosen, r_rejected) * w).sum()),
+        "margin": float(((r_chosen - r_rejected) * w).sum()),
+        "reward_chosen": float((r_chosen * w).sum()),
+        "reward_rejected": float((r_rejected * w).sum()),
+        "logp_chosen": float((policy[:n].detach() * w).sum()),
+        "logp_rejected": float((policy[n:].detach() * w).sum()),
+    }
+    return (losses * w).sum(), metrics
+
+
+def _collate(examples: list[PairExample], pad_id: int, device, ref: dict[int, torch.Tensor] | None) -> dict:
+    batch = {k: v.to(device) for k, v in collate_pairs(examples, pad_id).items()}
+    if ref is not None:
+        pairs = torch.stack([ref[id(e)] for e in examples]).to(device)  # (n, 2): chosen, rejected
+        batch["ref_logps"] = torch.cat([pairs[:, 0], pairs[:, 1]])
+    return batch
+
+
+@torch.no_grad()
+def reference_logprobs(bank: AdapterBank, examples: list[PairExample], pad_id: int, bs: int, chunk: int) -> dict:
+    """{id(example): tensor([ref logp chosen, ref logp rejected])}, computed once."""
+    out = {}
+    with bank.use("reference") as m:
+        for i in range(0, len(examples), bs):
+            chunk_ex = examples[i : i + bs]
+            lp = sequence_logprobs(m, _collate(chunk_ex, pad_id, bank.device, None), chunk).cpu()
+            for j, e in enumerate(chunk_ex):
+                out[id(e)] = torch.stack([lp[j], lp[len(chunk_ex) + j]])
+    return out
+
+
+@torch.no_grad()
+def evaluate_dpo(bank: AdapterBank, examples: list[PairExample], pad_id: int, dc: DPOConfig, chunk: int) -> dict:
+    sums, total = {}, 0.0
+    for i in range(0, len(examples), dc.batch_size):
+        batch = _collate(examples[i : i + dc.batch_size], pad_id, bank.device, None)
+        with bank.use("policy") as m:
+            loss, metrics = dpo_loss_sum(bank, m, batch, dc, chunk)
+        total += float(batch["weights"].sum())
+        for k, v in {"loss": float(loss), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {f"eval_{k}": v / total for k, v in sums.items()}
+
+
+@torch.no_grad()
+def sample_kl(bank: AdapterBank, tokenizer, prompts: list[list[int]], dc: DPOConfig, chunk: int, seed: int) -> dict:
+    """Mean over sampled responses of sum_t log pi - log ref: the KL of the policy's samples to the reference."""
+    gen = generate(
+        bank,
+        "policy",
+        prompts,
+        SamplingConfig(dc.max_new_tokens, 1.0),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        seed,
+    )
+    seqs = [p + r for p, r in zip(prompts, gen.response_ids, strict=True)]
+    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id)
+    ids, mask = ids.to(bank.device), mask.to(bank.device)
+    rmask = mask.clone()
+    for i, p in enumerate(prompts):
+        rmask[i, : len(p)] = False
+    lp = {}
+    for role in ("policy", "reference"):
+        with bank.use(role) as m:
+            lp[role] = (token_logprobs(m, ids, mask, chunk) * rmask[:, 1:]).sum(1)
+    kl = lp["policy"] - lp["reference"]
+    return {
+        "sample_kl": float(kl.mean()),
+        "sample_length": float(rmask.sum(1).float().mean()),
+        "sample_eos_rate": sum(gen.ended) / len(gen.ended),
+    }
+
+
+def _load_pairs(source: str, split: str, tokenizer, dc: DPOConfig, limit: int | None) -> list[PairExample]:
+    rows, name = load_rows(source, split)
+    if limit is not None:
+        rows = rows[:limit]
+    pairs, tied = expand_rows(rows, name)
+    if tied:
+        logger.warning("%s: %d rows had all responses tied and gave no pair", name, tied)
+    if not pairs:
+        raise UserError(f"{name}: no preference pairs (every row's responses are tied)")
+    examples, truncated = tokenize_pairs(pairs, tokenizer, dc.max_length)
+    if truncated:
+        logger.warning("%s: %d sequences longer than dpo.max_length=%d were truncated", name, truncated, dc.max_length)
+    return examples
+
+
+def train_dpo(
+    bank: AdapterBank,
+    dc: DPOConfig,
+    stage_dir: Path,
+    train: list[PairExample],
+    evals: list[PairExample],
+    pad_id: int,
+    seed: int,
+    settings: dict,
+    chunk: int,
+) -> LoopResult:
+    """Train the `policy` role against the frozen `reference` role."""
+    bank.disable_dropout()
+    ref = reference_logprobs(bank, train, pad_id, dc.batch_size, chunk) if dc.precompute_ref_logprobs else None
+    loop = TrainLoop(
+        name="dpo",
+        bank=bank,
+        role="policy",
+        cfg=dc,
+        stage_dir=stage_dir,
+        dataset=train,
+        collate=lambda ex: _collate(ex, pad_id, bank.device, ref),
+        loss_fn=lambda m, b: dpo_loss_sum(bank, m, b, dc, chunk),
+        weight_fn=lambda b: float(b["weights"].sum()),
+        seed=seed,
+        eval_fn=(lambda bank: evaluate_dpo(bank, evals, pad_id, dc, chunk)) if evals else None,
+        settings=settings,
+    )
+    return loop.run()
+
+
+def run(cfg: RecipeConfig, force: bool = False) -> Path:
+    """Run (or resume, or skip) the DPO stage; returns `output_dir/dpo`."""
+    dc = cfg.dpo
+    if dc.dataset is None:
+        raise UserError("recipe: `dpo.dataset` is not set; point it at your preference data (see docs/data.md)")
+    sft_dir, sft_done = finished_stage_dir(cfg, "sft", "dpo")
+    settings = {**stage_settings(cfg, "dpo"), "sft": sft_done.get("settings")}
+    stage_dir, manifest, done = begin_stage(cfg, "dpo", force)
+    if done:
+        return stage_dir
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train = _load_pairs(dc.dataset, dc.dataset_split, tokenizer, dc, dc.max_samples)
+    evals = _load_pairs(dc.eval_dataset, dc.eval_split, tokenizer, dc, None) if dc.eval_dataset else []
+    model, tokenizer = load_base(cfg.model)
+    bank = AdapterBank(model, gradient_checkpointing=dc.gradient_checkpointing)
+    bank.add_role("policy", from_dir=sft_dir, trainable=True)
+    bank.add_role("reference", copy_of="policy")
+    chunk = cfg.model.logprob_chunk_size
+    result = train_dpo(bank, dc, stage_dir, train, evals, tokenizer.pad_token_id, cfg.seed, settings, chunk)
+    bank.save_role("policy", stage_dir)
+    diagnostics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}  # evaluated after the last step
+    if dc.kl_samples > 0:
+        source = evals or train
+        prompts = list(dict.fromkeys(tuple(e.chosen_ids[: e.chosen_prompt_len]) for e in source))[: dc.kl_samples]
+        diagnostics.update(sample_kl(bank, tokenizer, [list(p) for p in prompts], dc, chunk, cfg.seed))
+    atomic_write_json(stage_dir / "diagnostics.json", diagnostics)
+    manifest.mark_finished(
+        "dpo",
+        {
+            "path": "dpo",
+            "steps": result.steps,
+            "metrics": result.metrics,
+            "diagnostics": diagnostics,
+            "settings": fingerprint(settings),
+        },
+    )
+    if diagnostics:
+        logger.info("dpo: %s", ", ".join(f"{k}={v:.4g}" for k, v in diagnostics.items()))
+    logger.info("dpo: policy adapter saved to %s", stage_dir)
+    return stage_dir
