@@ -73,6 +73,18 @@ def base_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def fail_at(monkeypatch, cls, method: str, step: int, exc: BaseException) -> None:
+    """Make `cls.method(self, ..., step)` raise `exc` at `step`: a kill after the last checkpoint."""
+    real = getattr(cls, method)
+
+    def wrapped(self, *args):
+        if args[-1] == step:
+            raise exc
+        return real(self, *args)
+
+    monkeypatch.setattr(cls, method, wrapped)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

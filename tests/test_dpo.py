@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_fingerprint, tiny_recipe
+from conftest import base_fingerprint, fail_at, tiny_recipe
 from safetensors.torch import load_file
 
 from lowmem_rlhf.config import config_from_dict
+from lowmem_rlhf.data.preference import load_pair_examples
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.loading import load_base
@@ -116,7 +117,7 @@ def test_sft_adapter_and_base_untouched_by_dpo(sft_run, tmp_path):
         base_fingerprint(bank.peft_model),
         bank.state_dict("policy"),
     )
-    train = dpo._load_pairs(cfg.dpo.dataset, "train", tok, cfg.dpo, 16)
+    train = load_pair_examples(cfg.dpo.dataset, "train", tok, cfg.dpo.max_length, 16, "dpo")
     assert {id(p) for p in bank.trainable_parameters()} == {id(p) for p in bank.role_parameters("policy")}
     dpo.train_dpo(bank, cfg.dpo, tmp_path / "stage", train, [], tok.pad_token_id, 0, {}, 512)
     assert all(torch.equal(bank.state_dict("reference")[k], v) for k, v in ref_before.items())
@@ -127,15 +128,8 @@ def test_sft_adapter_and_base_untouched_by_dpo(sft_run, tmp_path):
 def test_dpo_kill_and_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch):
     full = dpo.run(fork(sft_run, tmp_path / "full", kl_samples=0))
     cfg = fork(sft_run, tmp_path / "resumed", kl_samples=0)
-    real = TrainLoop._step
-
-    def crash(self, step):
-        if step == 4:
-            raise RuntimeError("killed")
-        return real(self, step)
-
     with monkeypatch.context() as m:
-        m.setattr(TrainLoop, "_step", crash)
+        fail_at(m, TrainLoop, "_step", 4, RuntimeError("killed"))
         with pytest.raises(RuntimeError, match="killed"):
             dpo.run(cfg)
     resumed = dpo.run(cfg)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import base_fingerprint, tiny_recipe
+from conftest import base_fingerprint, fail_at, tiny_recipe
 from safetensors.torch import load_file
 
 from lowmem_rlhf.config import ModelConfig, config_from_dict
@@ -187,15 +187,8 @@ def test_other_estimators(base_run, tmp_path, capture, keys, value_role):
 def test_ppo_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
     full = ppo.run(fork(base_run, tmp_path / "full", num_steps=4, save_steps=2))
     cfg = fork(base_run, tmp_path / "resumed", num_steps=4, save_steps=2)
-    real = PPOTrainer.update
-
-    def crash(self, ro, step):
-        if step == 3:
-            raise RuntimeError("killed")
-        return real(self, ro, step)
-
     with monkeypatch.context() as m:
-        m.setattr(PPOTrainer, "update", crash)
+        fail_at(m, PPOTrainer, "update", 3, RuntimeError("killed"))
         with pytest.raises(RuntimeError, match="killed"):
             ppo.run(cfg)
     resumed = ppo.run(cfg)

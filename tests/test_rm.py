@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import base_fingerprint, tiny_recipe
+from conftest import base_fingerprint, fail_at, tiny_recipe
 from safetensors.torch import load_file
 
 from lowmem_rlhf.cli import main
 from lowmem_rlhf.config import ModelConfig, config_from_dict
-from lowmem_rlhf.data.preference import expand_rows, normalize_preference_row, pad_sequences
+from lowmem_rlhf.data.preference import expand_rows, load_pair_examples, normalize_preference_row, pad_sequences
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.heads import HEAD_FILE
@@ -241,7 +241,7 @@ def test_sft_adapter_and_base_untouched_by_rm_training(sft_run, tmp_path):
     sft_before, base_before = bank.state_dict("sft"), base_fingerprint(bank.peft_model)
     reward_before = bank.state_dict("reward")
     file_before = (sft_run / "sft" / "adapter_model.safetensors").read_bytes()
-    train = rm._load_pairs(cfg.rm.dataset, "train", tok, cfg.rm, 32)
+    train = load_pair_examples(cfg.rm.dataset, "train", tok, cfg.rm.max_length, 32, "rm")
     loop_params = {id(p) for p in bank.trainable_parameters()}
     assert loop_params == {id(p) for p in bank.role_parameters("reward")}  # the optimizer never sees sft
     rm.train_reward(bank, cfg.rm, tmp_path / "stage", train, [], tok.pad_token_id, 0, {})
@@ -255,15 +255,8 @@ def test_sft_adapter_and_base_untouched_by_rm_training(sft_run, tmp_path):
 def test_rm_kill_and_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch):
     full = rm.run(rm_cfg(copy_run(sft_run, tmp_path / "full")))
     cfg = rm_cfg(copy_run(sft_run, tmp_path / "resumed"))
-    real = TrainLoop._step
-
-    def crash(self, step):
-        if step == 4:
-            raise RuntimeError("killed")
-        return real(self, step)
-
     with monkeypatch.context() as m:
-        m.setattr(TrainLoop, "_step", crash)
+        fail_at(m, TrainLoop, "_step", 4, RuntimeError("killed"))
         with pytest.raises(RuntimeError, match="killed"):
             rm.run(cfg)
     resumed = rm.run(cfg)

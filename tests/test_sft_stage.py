@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import fail_at
 from safetensors.torch import load_file
 
 from lowmem_rlhf.errors import UserError
@@ -51,17 +52,6 @@ def test_finished_stage_is_skipped_and_force_reruns(make_cfg):
     assert len(read_metrics(out / "metrics.jsonl")) == 2  # force starts the stage over
 
 
-def _interrupt_at(monkeypatch, at_step: int, exc: BaseException):
-    real = TrainLoop._step
-
-    def step(self, step):
-        if step == at_step:
-            raise exc
-        return real(self, step)
-
-    monkeypatch.setattr(TrainLoop, "_step", step)
-
-
 @pytest.mark.parametrize("kill", ["crash", "ctrl-c"])
 def test_kill_and_resume_equals_uninterrupted(make_cfg, monkeypatch, kill):
     # dropout > 0 and several epochs' worth of shuffling: RNG and data cursor must both resume exactly
@@ -69,11 +59,11 @@ def test_kill_and_resume_equals_uninterrupted(make_cfg, monkeypatch, kill):
     cfg = make_cfg("resumed", max_samples=40)
     with monkeypatch.context() as m:
         if kill == "crash":  # like SIGKILL: only the periodic checkpoint at step 3 survives
-            _interrupt_at(m, 4, RuntimeError("killed"))
+            fail_at(m, TrainLoop, "_step", 4, RuntimeError("killed"))
             with pytest.raises(RuntimeError, match="killed"):
                 sft.run(cfg)
         else:  # Ctrl-C: the loop saves the last finished step (4) and says how to resume
-            _interrupt_at(m, 4, KeyboardInterrupt())
+            fail_at(m, TrainLoop, "_step", 4, KeyboardInterrupt())
             with pytest.raises(UserError, match="interrupted at step 4/6.*re-run the same command to resume"):
                 sft.run(cfg)
     stage = full.parent.parent / "resumed" / "sft"
@@ -89,7 +79,7 @@ def test_kill_and_resume_equals_uninterrupted(make_cfg, monkeypatch, kill):
 def test_resume_under_changed_settings_is_refused(make_cfg, monkeypatch):
     cfg = make_cfg("changed")
     with monkeypatch.context() as m:
-        _interrupt_at(m, 4, RuntimeError("killed"))
+        fail_at(m, TrainLoop, "_step", 4, RuntimeError("killed"))
         with pytest.raises(RuntimeError):
             sft.run(cfg)
     with pytest.raises(UserError, match="different sft settings.*--force"):

@@ -13,6 +13,7 @@ Accepted rows (DESIGN.md), prompt as text or messages, responses as text or one 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ import torch
 from lowmem_rlhf.data.chat import encode_prompt, encode_response, to_messages, to_text
 from lowmem_rlhf.data.sft import truncate
 from lowmem_rlhf.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,3 +156,23 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.T
         "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
         "margins": torch.tensor([e.margin for e in examples], dtype=torch.float32),
     }
+
+
+def load_pair_examples(
+    source: str, split: str, tokenizer, max_length: int, limit: int | None, key: str
+) -> list[PairExample]:
+    """Read, expand and tokenise a preference source; `key` names the recipe section in warnings."""
+    from lowmem_rlhf.data.formats import load_rows
+
+    rows, name = load_rows(source, split)
+    if limit is not None:
+        rows = rows[:limit]
+    pairs, tied = expand_rows(rows, name)
+    if tied:
+        logger.warning("%s: %d rows had all responses tied and gave no pair", name, tied)
+    if not pairs:
+        raise UserError(f"{name}: no preference pairs (every row's responses are tied)")
+    examples, truncated = tokenize_pairs(pairs, tokenizer, max_length)
+    if truncated:
+        logger.warning("%s: %d sequences longer than %s.max_length=%d were truncated", name, truncated, key, max_length)
+    return examples

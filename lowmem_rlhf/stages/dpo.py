@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import DPOConfig, RecipeConfig
-from lowmem_rlhf.data.formats import load_rows
-from lowmem_rlhf.data.preference import PairExample, collate_pairs, expand_rows, pad_sequences, tokenize_pairs
+from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples, pad_sequences
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import token_logprobs
@@ -127,21 +126,6 @@ def sample_kl(bank: AdapterBank, tokenizer, prompts: list[list[int]], dc: DPOCon
     }
 
 
-def _load_pairs(source: str, split: str, tokenizer, dc: DPOConfig, limit: int | None) -> list[PairExample]:
-    rows, name = load_rows(source, split)
-    if limit is not None:
-        rows = rows[:limit]
-    pairs, tied = expand_rows(rows, name)
-    if tied:
-        logger.warning("%s: %d rows had all responses tied and gave no pair", name, tied)
-    if not pairs:
-        raise UserError(f"{name}: no preference pairs (every row's responses are tied)")
-    examples, truncated = tokenize_pairs(pairs, tokenizer, dc.max_length)
-    if truncated:
-        logger.warning("%s: %d sequences longer than dpo.max_length=%d were truncated", name, truncated, dc.max_length)
-    return examples
-
-
 def train_dpo(
     bank: AdapterBank,
     dc: DPOConfig,
@@ -185,8 +169,12 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
         return stage_dir
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train = _load_pairs(dc.dataset, dc.dataset_split, tokenizer, dc, dc.max_samples)
-    evals = _load_pairs(dc.eval_dataset, dc.eval_split, tokenizer, dc, None) if dc.eval_dataset else []
+    train = load_pair_examples(dc.dataset, dc.dataset_split, tokenizer, dc.max_length, dc.max_samples, "dpo")
+    evals = (
+        load_pair_examples(dc.eval_dataset, dc.eval_split, tokenizer, dc.max_length, None, "dpo")
+        if dc.eval_dataset
+        else []
+    )
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=dc.gradient_checkpointing)
     bank.add_role("policy", from_dir=sft_dir, trainable=True)

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import RecipeConfig, RewardConfig
-from lowmem_rlhf.data.formats import load_rows
-from lowmem_rlhf.data.preference import PairExample, collate_pairs, expand_rows, pad_sequences, tokenize_pairs
+from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples, pad_sequences
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, load_tokenizer
@@ -133,23 +132,6 @@ def train_reward(
     return result, diagnostics
 
 
-def _load_pairs(source: str, split: str, tokenizer, rc: RewardConfig, limit: int | None) -> list[PairExample]:
-    rows, name = load_rows(source, split)
-    if limit is not None:
-        rows = rows[:limit]
-    pairs, tied = expand_rows(rows, name)
-    if tied:
-        logger.warning("%s: %d rows had all responses tied and gave no pair", name, tied)
-    if not pairs:
-        raise UserError(f"{name}: no preference pairs (every row's responses are tied)")
-    examples, truncated = tokenize_pairs(pairs, tokenizer, rc.max_length)
-    if truncated:
-        logger.warning(
-            "%s: %d sequences were longer than rm.max_length=%d and were truncated", name, truncated, rc.max_length
-        )
-    return examples
-
-
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """Run (or resume, or skip) the reward-model stage; returns `output_dir/reward`."""
     rc = cfg.rm
@@ -165,8 +147,12 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
         return stage_dir
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train = _load_pairs(rc.dataset, rc.dataset_split, tokenizer, rc, rc.max_samples)
-    evals = _load_pairs(rc.eval_dataset, rc.eval_split, tokenizer, rc, None) if rc.eval_dataset else []
+    train = load_pair_examples(rc.dataset, rc.dataset_split, tokenizer, rc.max_length, rc.max_samples, "rm")
+    evals = (
+        load_pair_examples(rc.eval_dataset, rc.eval_split, tokenizer, rc.max_length, None, "rm")
+        if rc.eval_dataset
+        else []
+    )
     logger.info("rm: %d training pairs, %d held-out pairs", len(train), len(evals))
 
     model, tokenizer = load_base(cfg.model)
