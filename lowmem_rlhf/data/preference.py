@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.data.chat import encode_prompt, encode_response, to_messages, to_text
 from lowmem_rlhf.data.sft import truncate
 from lowmem_rlhf.errors import UserError
@@ -122,18 +123,6 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int) -> tuple[list[
         (c, cp), (r, rp) = seqs
         examples.append(PairExample(c, r, cp, rp, pair.weight, pair.margin))
     return examples, truncated
-
-
-def pad_sequences(rows: list[list[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token rows; masks come from lengths, so pad == eos is safe."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = True
-    return ids, mask
 
 
 def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:

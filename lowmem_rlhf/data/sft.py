@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.data.chat import encode_prompt, encode_response, to_messages, to_text
 from lowmem_rlhf.errors import UserError
 
@@ -81,13 +82,8 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tens
     Masks come from lengths, never from `ids == pad_id`, so pad == eos is safe (the closing EOS
     stays a label).
     """
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    response_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    input_ids, attention_mask = pad_sequences([e.input_ids for e in examples], pad_id)
+    response_mask = attention_mask.clone()
     for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids)
-        attention_mask[i, :n] = True
-        response_mask[i, e.prompt_len : n] = True
+        response_mask[i, : e.prompt_len] = False
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}

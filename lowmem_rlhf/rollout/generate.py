@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.model.bank import AdapterBank
 
 
@@ -26,17 +27,6 @@ class Generation:
     ended: list[bool]  # True when the response closed with EOS (not cut at max_new_tokens)
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with rows aligned to the right, as decoder-only generation needs."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def generate(
     bank: AdapterBank,
@@ -48,7 +38,8 @@ def generate(
     generator_seed: int | None = None,
 ) -> Generation:
     """Sample one response per prompt from `role`; tokens after the first EOS are dropped."""
-    ids, mask = left_pad(prompts, pad_id, bank.device)
+    ids, mask = pad_sequences(prompts, pad_id, padding_side="left")
+    ids, mask = ids.to(bank.device), mask.long().to(bank.device)
     greedy = sampling.temperature == 0
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,

@@ -147,9 +147,6 @@ class TrainLoop:
             step, bank=self.bank, roles=[self.role], optimizer=self.optimizer, scheduler=self.scheduler
         )
 
-    def checkpoints(self) -> list[Path]:
-        return self.ckpt.all()
-
     # ------------------------------------------------------------------ the loop
 
     def _step(self, step: int) -> dict[str, float]:
