@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.metrics import MetricsLogger
+from lowmem_rlhf.train.usage import StageClock, peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,12 @@ class TrainLoop:
 
     def save_checkpoint(self, step: int) -> Path:
         return self.ckpt.save(
-            step, bank=self.bank, roles=[self.role], optimizer=self.optimizer, scheduler=self.scheduler
+            step,
+            bank=self.bank,
+            roles=[self.role],
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra=self.clock.state(),
         )
 
     # ------------------------------------------------------------------ the loop
@@ -182,17 +187,18 @@ class TrainLoop:
     def run(self) -> LoopResult:
         log = MetricsLogger(self.stage_dir, self.cfg.report_to, run_name=f"{self.stage_dir.parent.name}/{self.name}")
         start = 0
+        self.clock = StageClock()
         latest = self.ckpt.latest()
         if latest is not None:
-            start, _ = self.ckpt.load(
+            start, extra = self.ckpt.load(
                 latest, bank=self.bank, roles=[self.role], optimizer=self.optimizer, scheduler=self.scheduler
             )
+            self.clock.resume(extra)
             log.truncate_after(start)
             logger.info("%s: resuming from %s (step %d of %d)", self.name, latest, start, self.total_steps)
         step = start
         last: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=start, desc=self.name, unit="step", dynamic_ncols=True, disable=None)
-        t0 = time.perf_counter()
         try:
             while step < self.total_steps:
                 metrics = self._step(step)
@@ -207,14 +213,15 @@ class TrainLoop:
                     metrics.update(self.eval_fn(self.bank))
                 if at_end or step % self.cfg.logging_steps == 0 or any(k.startswith("eval_") for k in metrics):
                     metrics["epoch"] = step * self.cfg.gradient_accumulation_steps / self.micro_per_epoch
-                    metrics["elapsed_s"] = time.perf_counter() - t0
+                    metrics["elapsed_s"] = self.clock.elapsed()
+                    metrics.update(peak_memory(self.bank.device))
                     log.log(step, metrics)
                     bar.write(
                         f"{self.name} step {step}/{self.total_steps}: "
                         + ", ".join(
                             f"{k}={v:.4g}"
                             for k, v in metrics.items()
-                            if isinstance(v, float) and k not in ("elapsed_s",)
+                            if isinstance(v, float) and k not in ("elapsed_s", "peak_rss_gb", "peak_gpu_memory_gb")
                         )
                     )
                 if at_end or (self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.loop import build_optimizer, build_scheduler, fingerprint, interrupted
 from lowmem_rlhf.train.losses import sft_loss_sum
 from lowmem_rlhf.train.metrics import MetricsLogger
+from lowmem_rlhf.train.usage import StageClock, peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -416,24 +416,25 @@ class PPOTrainer:
             roles=self.train_roles,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            extra={"kl_coef": self.kl_ctl.value},
+            extra={"kl_coef": self.kl_ctl.value, **self.clock.state()},
         )
 
     def run(self) -> PPOResult:
         pc = self.pc
         log = MetricsLogger(self.stage_dir, pc.report_to, run_name=f"{self.stage_dir.parent.name}/ppo")
         start = 0
+        self.clock = StageClock()
         latest = self.ckpt.latest()
         if latest is not None:
             start, extra = self.ckpt.load(
                 latest, bank=self.bank, roles=self.train_roles, optimizer=self.optimizer, scheduler=self.scheduler
             )
             self.kl_ctl.value = extra["kl_coef"]
+            self.clock.resume(extra)
             log.truncate_after(start)
             logger.info("ppo: resuming from %s (iteration %d of %d)", latest, start, pc.num_steps)
         step, last = start, {}
         bar = tqdm(total=pc.num_steps, initial=start, desc=f"ppo ({pc.advantage})", unit="it", disable=None)
-        t0 = time.perf_counter()
         try:
             while step < pc.num_steps:
                 ro = self.rollout(step)
@@ -443,7 +444,8 @@ class PPOTrainer:
                 self.kl_ctl.update(metrics["kl"], len(ro.input_ids))
                 step += 1
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
-                metrics["elapsed_s"] = time.perf_counter() - t0
+                metrics["elapsed_s"] = self.clock.elapsed()
+                metrics.update(peak_memory(self.bank.device))
                 last = metrics
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
