@@ -24,6 +24,24 @@ def test_chunked_logprobs_match_full_logits(chunk, temperature):
     torch.testing.assert_close(got, _reference(hidden, weight, targets, temperature), atol=1e-5, rtol=0)
 
 
+def test_chunked_logprobs_chunk_counts_tokens_over_the_batch():
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(3, 16, 8, generator=g), torch.randn(50, 8, generator=g)
+    targets = torch.randint(50, (3, 16), generator=g)
+    seen = []
+
+    def head(h):
+        seen.append(h.shape[0] * h.shape[1])
+        return h @ weight.T
+
+    got = chunked_logprobs(hidden, head, targets, 7)
+    assert max(seen) == 6 and sum(seen) == 48  # 7 // 3 = 2 positions of each of the 3 rows per chunk
+    torch.testing.assert_close(got, _reference(hidden, weight, targets, 1.0), atol=1e-5, rtol=0)
+    seen.clear()
+    chunked_logprobs(hidden, head, targets, 2)  # fewer tokens than rows: still one position per chunk
+    assert seen == [3] * 16
+
+
 def test_chunked_logprobs_gradients_match_full_logits():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 9, 8, generator=g, requires_grad=True)
