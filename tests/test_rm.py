@@ -79,6 +79,17 @@ def test_ratings_drop_ties_and_carry_margins():
     assert tied == 1
 
 
+def test_conversation_responses_like_ultrafeedback():
+    user = {"role": "user", "content": "p"}
+    row = {
+        "prompt": "p",
+        "chosen": [user, {"role": "assistant", "content": "good"}],
+        "rejected": [user, {"role": "assistant", "content": "bad"}],
+    }
+    (pair,) = normalize_preference_row(row, "f, row 1")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user], "good", "bad")
+
+
 @pytest.mark.parametrize(
     ("row", "needle"),
     [
@@ -90,6 +101,18 @@ def test_ratings_drop_ties_and_carry_margins():
         ({"chosen": "a", "rejected": "b"}, "missing field `prompt`"),
         ({"prompt": "", "chosen": "a", "rejected": "b"}, "`prompt` is empty"),
         ({"prompt": "p", "text": "a"}, "no preference fields found"),
+        (
+            {
+                "prompt": "p",
+                "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
+                "rejected": "b",
+            },
+            "`chosen` is a conversation whose turns before the last one differ from `prompt`",
+        ),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": [{"role": "user", "content": "p"}] * 2},
+            "`rejected` is a conversation that does not end with an assistant turn",
+        ),
     ],
 )
 def test_bad_preference_rows(row, needle):

@@ -51,8 +51,22 @@ def to_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     raise UserError(f"{where}: field `{field}` must be text or a non-empty list of messages, got {value!r:.80}")
 
 
-def to_text(value: Any, where: str, field: str) -> str:
-    """A response given as text or as a single assistant message -> text."""
+def to_text(value: Any, where: str, field: str, prompt: list[dict[str, str]] | None = None) -> str:
+    """A response given as text, as one assistant message, or as the whole conversation -> text.
+
+    The whole-conversation form (`chosen: [user turn, ..., assistant turn]`, as in UltraFeedback and
+    TRL's conversational preference data) must repeat `prompt` before its final assistant turn.
+    """
+    if isinstance(value, list) and len(value) > 1:
+        messages = to_messages(value, where, field)
+        if messages[-1]["role"] != "assistant":
+            raise UserError(f"{where}: field `{field}` is a conversation that does not end with an assistant turn")
+        if prompt is not None and messages[:-1] != prompt:
+            raise UserError(
+                f"{where}: field `{field}` is a conversation whose turns before the last one differ from `prompt`; "
+                "give the response alone, or the prompt's turns followed by the response"
+            )
+        value = [value[-1]]
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         if value[0].get("role") != "assistant":
             raise UserError(f"{where}: field `{field}` must be an assistant message")

@@ -1,6 +1,7 @@
 """Preference rows -> weighted (prompt, chosen, rejected) pairs -> token ids.
 
-Accepted rows (DESIGN.md), prompt as text or messages, responses as text or one assistant message:
+Accepted rows (DESIGN.md), prompt as text or messages, responses as text, one assistant message, or
+the whole conversation (the prompt's turns, then the assistant's: UltraFeedback's layout):
 
 - pairs    `{"prompt", "chosen", "rejected"}`: one pair, weight 1;
 - rankings `{"prompt", "responses": [best, ..., worst]}`: all C(K, 2) pairs, each weighted
@@ -69,7 +70,8 @@ def normalize_preference_row(row: dict, where: str) -> list[Pair]:
         for key in ("chosen", "rejected"):
             if key not in row:
                 raise UserError(f"{where}: missing field `{key}` (pair rows need both `chosen` and `rejected`)")
-        return [Pair(prompt, to_text(row["chosen"], where, "chosen"), to_text(row["rejected"], where, "rejected"))]
+        chosen, rejected = (to_text(row[k], where, k, prompt) for k in ("chosen", "rejected"))
+        return [Pair(prompt, chosen, rejected)]
     if "responses" not in row:
         raise UserError(
             f"{where}: no preference fields found (has {sorted(row)}); expected `chosen`+`rejected`, "
@@ -78,7 +80,7 @@ def normalize_preference_row(row: dict, where: str) -> list[Pair]:
     responses = row["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise UserError(f"{where}: field `responses` must be a list of at least 2 responses")
-    texts = [to_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
+    texts = [to_text(r, where, f"responses[{i}]", prompt) for i, r in enumerate(responses)]
     if "scores" not in row:  # a ranking, best first
         n = len(texts) * (len(texts) - 1) // 2
         return [Pair(prompt, texts[i], texts[j], 1.0 / n) for i, j in itertools.combinations(range(len(texts)), 2)]
