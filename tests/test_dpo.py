@@ -99,6 +99,34 @@ def test_dpo_step0_is_log2_and_outputs(sft_run, tmp_path, precompute):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_length_normalized_and_rpo_losses_at_step0(sft_run):
+    from dataclasses import replace
+
+    from lowmem_rlhf.data.preference import collate_pairs
+
+    cfg = config_from_dict(recipe(sft_run))
+    model, tok = load_base(cfg.model)
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    bank.add_role("policy", from_dir=sft_run / "sft", trainable=True)
+    bank.add_role("reference", copy_of="policy")
+    bank.disable_dropout()
+    examples = load_pair_examples("builtin:tiny/rankings.jsonl", "train", tok, 96, 2, "dpo")[:4]
+    batch = collate_pairs(examples, tok.pad_token_id)
+    w = batch["weights"]
+    with torch.no_grad(), bank.use("policy") as m:
+        normalized, _ = dpo.dpo_loss_sum(bank, m, batch, replace(cfg.dpo, length_normalize=True), 512)
+        rpo, metrics = dpo.dpo_loss_sum(bank, m, batch, replace(cfg.dpo, sft_coef=0.5), 512)
+        logps = dpo.sequence_logprobs(m, batch, 512)
+    # policy == reference: log 2 per pair, also with per-token log-probs
+    assert normalized.item() == pytest.approx(math.log(2) * w.sum().item(), rel=1e-6)
+    # RPO adds 0.5 x the chosen response's NLL per token (EOS included)
+    tokens = batch["response_mask"][:4, 1:].sum(1)
+    nll = -logps[:4] / tokens
+    assert nll.min() > 0
+    assert rpo.item() == pytest.approx(((math.log(2) + 0.5 * nll) * w).sum().item(), rel=1e-5)
+    assert metrics["logp_chosen"] == pytest.approx((logps[:4] * w).sum().item(), rel=1e-6)
+
+
 def test_precomputed_and_live_reference_agree(sft_run, tmp_path):
     a = dpo.run(fork(sft_run, tmp_path / "a", precompute_ref_logprobs=True, max_steps=2))
     b = dpo.run(fork(sft_run, tmp_path / "b", precompute_ref_logprobs=False, max_steps=2))

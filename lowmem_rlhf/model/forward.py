@@ -44,3 +44,24 @@ def token_logprobs(
     hidden = hidden_states(model, input_ids, attention_mask)
     head = causal_lm(model).get_output_embeddings()
     return chunked_logprobs(hidden[:, :-1], head, input_ids[:, 1:], chunk_size, temperature)
+
+
+def response_logprob_sums(
+    model,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(n,) Σ_t log p(response token t | prompt, earlier tokens) for each prompt/response pair."""
+    from lowmem_rlhf.data.batching import pad_sequences
+
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences([p + r for p, r in zip(prompts, responses, strict=True)], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    response_mask = mask.clone()
+    for i, p in enumerate(prompts):
+        response_mask[i, : len(p)] = False
+    logprobs = token_logprobs(model, ids, mask, chunk_size, temperature)
+    return (logprobs * response_mask[:, 1:]).sum(1)

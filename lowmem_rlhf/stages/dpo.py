@@ -7,7 +7,7 @@ the policy equals the reference exactly: the loss is log 2 and the implicit rewa
 
 Output `output_dir/dpo/`: the policy adapter, `metrics.jsonl` (loss, preference accuracy, margins,
 chosen/rejected log-probs and rewards), `diagnostics.json` (held-out numbers and the KL of samples
-to the reference), checkpoints.
+to the reference, also logged at every evaluation), checkpoints.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import DPOConfig, RecipeConfig
-from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples, pad_sequences
+from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
-from lowmem_rlhf.model.forward import token_logprobs
-from lowmem_rlhf.model.loading import load_base, load_tokenizer
+from lowmem_rlhf.model.forward import response_logprob_sums, token_logprobs
+from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
+from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.ops import dpo_loss, pairwise_accuracy
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
@@ -47,17 +48,24 @@ def dpo_loss_sum(bank: AdapterBank, model, batch: dict, dc: DPOConfig, chunk: in
     else:
         with torch.no_grad(), bank.use("reference") as ref_model:
             ref = sequence_logprobs(ref_model, batch, chunk)
+    lengths = batch["response_mask"][:, 1:].sum(1).clamp(min=1)
+    summed = policy
+    if dc.length_normalize:  # mean per-token log-probs (the IPO paper's and SimPO's normalisation)
+        policy, ref = policy / lengths, ref / lengths
     losses, r_chosen, r_rejected = dpo_loss(
         policy[:n], policy[n:], ref[:n], ref[n:], dc.beta, dc.loss_type, dc.label_smoothing
     )
+    if dc.sft_coef > 0:  # RPO: the chosen response's per-token NLL keeps its likelihood from falling
+        nll = -summed[:n] / lengths[:n]
+        losses = losses + dc.sft_coef * nll
     w = batch["weights"]
     metrics = {
         "accuracy": float((pairwise_accuracy(r_chosen, r_rejected) * w).sum()),
         "margin": float(((r_chosen - r_rejected) * w).sum()),
         "reward_chosen": float((r_chosen * w).sum()),
         "reward_rejected": float((r_rejected * w).sum()),
-        "logp_chosen": float((policy[:n].detach() * w).sum()),
-        "logp_rejected": float((policy[n:].detach() * w).sum()),
+        "logp_chosen": float((summed[:n].detach() * w).sum()),
+        "logp_rejected": float((summed[n:].detach() * w).sum()),
     }
     return (losses * w).sum(), metrics
 
@@ -108,20 +116,14 @@ def sample_kl(bank: AdapterBank, tokenizer, prompts: list[list[int]], dc: DPOCon
         tokenizer.pad_token_id,
         seed,
     )
-    seqs = [p + r for p, r in zip(prompts, gen.response_ids, strict=True)]
-    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id)
-    ids, mask = ids.to(bank.device), mask.to(bank.device)
-    rmask = mask.clone()
-    for i, p in enumerate(prompts):
-        rmask[i, : len(p)] = False
     lp = {}
     for role in ("policy", "reference"):
         with bank.use(role) as m:
-            lp[role] = (token_logprobs(m, ids, mask, chunk) * rmask[:, 1:]).sum(1)
+            lp[role] = response_logprob_sums(m, prompts, gen.response_ids, tokenizer.pad_token_id, chunk)
     kl = lp["policy"] - lp["reference"]
     return {
         "sample_kl": float(kl.mean()),
-        "sample_length": float(rmask.sum(1).float().mean()),
+        "sample_length": sum(len(r) for r in gen.response_ids) / len(gen.response_ids),
         "sample_eos_rate": sum(gen.ended) / len(gen.ended),
     }
 
@@ -136,10 +138,23 @@ def train_dpo(
     seed: int,
     settings: dict,
     chunk: int,
+    kl_prompts: list[list[int]] | None = None,
+    tokenizer=None,
 ) -> LoopResult:
-    """Train the `policy` role against the frozen `reference` role."""
+    """Train the `policy` role against the frozen `reference` role.
+
+    Each evaluation scores the held-out pairs and, given `kl_prompts`, samples them to log the
+    policy's KL to the reference (`sample_kl`), so the KL can be followed over training.
+    """
     bank.disable_dropout()
     ref = reference_logprobs(bank, train, pad_id, dc.batch_size, chunk) if dc.precompute_ref_logprobs else None
+
+    def evaluate(bank: AdapterBank) -> dict:
+        out = evaluate_dpo(bank, evals, pad_id, dc, chunk) if evals else {}
+        if kl_prompts:
+            out.update(sample_kl(bank, tokenizer, kl_prompts, dc, chunk, seed))
+        return out
+
     loop = TrainLoop(
         name="dpo",
         bank=bank,
@@ -151,7 +166,7 @@ def train_dpo(
         loss_fn=lambda m, b: dpo_loss_sum(bank, m, b, dc, chunk),
         weight_fn=lambda b: float(b["weights"].sum()),
         seed=seed,
-        eval_fn=(lambda bank: evaluate_dpo(bank, evals, pad_id, dc, chunk)) if evals else None,
+        eval_fn=evaluate if evals or kl_prompts else None,
         settings=settings,
     )
     return loop.run()
@@ -175,18 +190,23 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
         if dc.eval_dataset
         else []
     )
+    check_fits(cfg, "dpo", resolve_device(cfg.model.device))
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=dc.gradient_checkpointing)
     bank.add_role("policy", from_dir=sft_dir, trainable=True)
     bank.add_role("reference", copy_of="policy")
     chunk = cfg.model.logprob_chunk_size
-    result = train_dpo(bank, dc, stage_dir, train, evals, tokenizer.pad_token_id, cfg.seed, settings, chunk)
-    bank.save_role("policy", stage_dir)
-    diagnostics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}  # evaluated after the last step
+    kl_prompts = None
     if dc.kl_samples > 0:
         source = evals or train
-        prompts = list(dict.fromkeys(tuple(e.chosen_ids[: e.chosen_prompt_len]) for e in source))[: dc.kl_samples]
-        diagnostics.update(sample_kl(bank, tokenizer, [list(p) for p in prompts], dc, chunk, cfg.seed))
+        unique = dict.fromkeys(tuple(e.chosen_ids[: e.chosen_prompt_len]) for e in source)
+        kl_prompts = [list(p) for p in unique][: dc.kl_samples]
+    result = train_dpo(
+        bank, dc, stage_dir, train, evals, tokenizer.pad_token_id, cfg.seed, settings, chunk, kl_prompts, tokenizer
+    )
+    bank.save_role("policy", stage_dir)
+    # Evaluated after the last step: held-out pair metrics and the KL of samples to the reference.
+    diagnostics = {k: v for k, v in result.metrics.items() if k.startswith(("eval_", "sample_"))}
     atomic_write_json(stage_dir / "diagnostics.json", diagnostics)
     manifest.mark_finished(
         "dpo",
