@@ -597,6 +597,21 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def estimate_record(args: argparse.Namespace, pc, peak_gib: float | None) -> dict:
+    """`lowmem-rlhf estimate`'s prediction of the shared-backbone peak next to the measured one (target: 10%)."""
+    from lowmem_rlhf.config import config_from_dict
+    from lowmem_rlhf.model.memory import prediction_record
+
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size},
+            "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0},
+            "ppo": {**dataclasses.asdict(pc), "max_prompt_length": args.prompt_len},
+        }
+    )
+    return prediction_record(cfg, args.shape, "ppo", peak_gib)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build/load the checkpoint, run the chosen mode(s) and return the result record."""
     device = resolve_device(args.device)
@@ -664,6 +679,7 @@ def run(args: argparse.Namespace) -> dict:
         "measurements": measurements,
         "checks": checks,
         "targets": target_records(args, measurements),
+        "estimate": estimate_record(args, setup.pc, measurements.get("shared", {}).get("peak_allocated_gib")),
         "note": CUDA_NOTE if on_cuda else CPU_NOTE,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

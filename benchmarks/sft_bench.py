@@ -155,6 +155,21 @@ def target_record(args: argparse.Namespace, peak_gib: float | None) -> dict | No
     return {**TARGET, "met": None if peak_gib is None else peak_gib <= TARGET["max"]}
 
 
+def estimate_record(args: argparse.Namespace, peak_gib: float | None) -> dict:
+    """`lowmem-rlhf estimate`'s prediction for these settings next to the measured peak (target: within 10%)."""
+    from lowmem_rlhf.config import config_from_dict
+    from lowmem_rlhf.model.memory import prediction_record
+
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size},
+            "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0},
+            "sft": {"batch_size": args.batch, "max_length": args.seq},
+        }
+    )
+    return prediction_record(cfg, args.shape, "sft", peak_gib)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build/load the model, train `warmup + steps` steps, and return the result record."""
     device = resolve_device(args.device)
@@ -259,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             "lora_tensors": len(params),
         },
         "target": target_record(args, measurements["peak_allocated_gib"]),
+        "estimate": estimate_record(args, measurements["peak_allocated_gib"]),
         "note": CUDA_NOTE if on_cuda else CPU_NOTE,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

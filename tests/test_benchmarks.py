@@ -128,9 +128,13 @@ def test_cpu_smoke_run(tmp_path, monkeypatch):
         "measurements",
         "checks",
         "target",
+        "estimate",
         "note",
         "timestamp",
     }
+    # the estimator's prediction for the same settings; no error without a measured (CUDA) peak
+    assert result["estimate"]["predicted_allocated_gib"] > 0 and result["estimate"]["error"] is None
+    assert sum(result["estimate"]["breakdown_gib"].values()) >= result["estimate"]["predicted_allocated_gib"]
     assert set(result["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes"}
     m = result["measurements"]
     assert set(m) >= {

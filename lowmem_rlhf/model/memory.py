@@ -1,0 +1,396 @@
+"""Peak GPU memory of each stage, predicted from the model's config.json alone (no weights loaded).
+
+Every term is counted from shapes, in bytes:
+
+- the frozen base: quantized linear weights (NF4/FP4: half a byte per weight, plus one absmax per
+  64-weight block, itself quantized to 8 bits with one fp32 constant per 256 blocks under double
+  quantization; int8: one byte per weight plus one fp32 scale per output row), and the unquantized
+  embeddings, `lm_head` (unless tied), norms and biases in the compute dtype;
+- LoRA adapters (fp32) for every role the stage holds, scalar heads, and for the trainable roles
+  their gradients and optimizer state (AdamW 32-bit: 8 bytes per parameter; 8-bit AdamW: 2, except
+  tensors under 4096 elements, which bitsandbytes keeps in 32 bits);
+- activations under gradient checkpointing: every layer's input is kept, one layer is recomputed at
+  a time, and the log-probs are computed in `model.logprob_chunk_size` chunks (pitfall 11);
+- for RL, the rollout's KV cache and per-step logits, which are alive when the training
+  activations are not (the peak is the larger phase);
+- the CUDA context (not counted by `torch.cuda.max_memory_allocated`, but it occupies the card).
+
+Sequences are assumed to fill `max_length` (RL: the prompt limit plus `max_new_tokens`), so the
+prediction is the peak of a run whose batches are full; shorter data peaks lower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowmem_rlhf.config import RecipeConfig
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.shapes import HUB_ALIASES, SHAPES
+
+GiB = 2**30
+CUDA_CONTEXT = 0.5 * GiB  # CUDA context + cuBLAS workspace: outside PyTorch's allocator
+FRAGMENTATION = 1.05  # allocator slack on top of the allocated peak when deciding "fits"
+BLOCK = 64  # bitsandbytes 4-bit block size
+NESTED_BLOCK = 256  # blocks per fp32 constant under double quantization
+MIN_8BIT_SIZE = 4096  # bitsandbytes keeps optimizer state of smaller tensors in 32 bits
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on in a Llama/Qwen2/Mistral-style decoder."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in config
+        ]
+        if missing:
+            raise UserError(
+                f"config.json lacks {', '.join(missing)}; `estimate` knows decoder-only models "
+                "(Llama, Qwen2, Mistral style)"
+            )
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab=config["vocab_size"],
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+            o_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+        )
+
+    def linears(self) -> list[tuple[str, int, int, bool]]:
+        """(name, in_features, out_features, has_bias) of one decoder layer's linear layers."""
+        d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return [
+            ("q_proj", d, q, self.qkv_bias),
+            ("k_proj", d, kv, self.qkv_bias),
+            ("v_proj", d, kv, self.qkv_bias),
+            ("o_proj", q, d, self.o_bias),
+            ("gate_proj", d, i, self.mlp_bias),
+            ("up_proj", d, i, self.mlp_bias),
+            ("down_proj", i, d, self.mlp_bias),
+        ]
+
+
+def resolve_shape(name_or_path: str) -> tuple[Shape, str]:
+    """(shape, where it came from) for a known shape name, a Hub id with a known shape, `builtin:tiny`,
+    a local folder with config.json, or a Hub id whose config.json is in the local Hub cache. Offline."""
+    if name_or_path in SHAPES:
+        return Shape.from_config(SHAPES[name_or_path]), f"known shape {name_or_path}"
+    if name_or_path in HUB_ALIASES:
+        key = HUB_ALIASES[name_or_path]
+        return Shape.from_config(SHAPES[key]), f"known shape {key}"
+    if name_or_path == "builtin:tiny":
+        from lowmem_rlhf.tiny.model import TINY_LLAMA, VOCAB_SIZE
+
+        return Shape.from_config({**TINY_LLAMA, "vocab_size": VOCAB_SIZE}), "the bundled tiny model"
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; point model.name_or_path at a model folder")
+        return Shape.from_config(json.loads((path / "config.json").read_text())), str(path / "config.json")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # not a valid repo id
+        cached = None
+    if isinstance(cached, str):
+        return Shape.from_config(json.loads(Path(cached).read_text())), cached
+    raise UserError(
+        f"no config.json for {name_or_path!r} on this machine; pass --shape with one of {', '.join(SHAPES)}, "
+        "a local model folder, or download the model's config.json once "
+        f"(`huggingface-cli download {name_or_path} config.json`)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the terms
+
+
+def quantized_weight_bytes(shape: Shape, quantization: str, double_quant: bool, compute_bytes: int) -> dict:
+    """Bytes of the decoder's linear weights: {"weights": packed data, "constants": quantization state}."""
+    weights = constants = 0
+    for _, fin, fout, _ in shape.linears():
+        n = fin * fout
+        if quantization in ("nf4", "fp4"):
+            blocks = math.ceil(n / BLOCK)
+            weights += math.ceil(n / 2)
+            if double_quant:
+                # uint8 absmax per block; fp32 absmax per 256 blocks; 256-entry fp32 code; fp32 offset
+                constants += blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4
+            else:
+                constants += 4 * blocks
+            constants += 4 * 16  # the 16-value NF4/FP4 code
+        elif quantization == "int8":
+            weights += n
+            constants += 4 * fout  # one fp32 scale per output row
+        else:
+            weights += n * compute_bytes
+    return {"weights": weights * shape.layers, "constants": constants * shape.layers}
+
+
+def unquantized_bytes(shape: Shape, compute_bytes: int) -> int:
+    """Embeddings, lm_head (unless tied), RMSNorm weights and biases: kept in the compute dtype."""
+    d = shape.hidden
+    embeddings = shape.vocab * d * (1 if shape.tied else 2)
+    norms = (2 * shape.layers + 1) * d
+    biases = shape.layers * sum(fout for _, _, fout, bias in shape.linears() if bias)
+    return (embeddings + norms + biases) * compute_bytes
+
+
+def buffer_bytes(shape: Shape) -> int:
+    """The rotary embedding's fp32 inverse frequencies (`inv_freq` and `original_inv_freq`)."""
+    return 2 * (shape.head_dim // 2) * 4
+
+
+def lora_tensors(shape: Shape, r: int, targets: list[str] | str) -> list[int]:
+    """Element counts of one adapter's LoRA A and B matrices."""
+    out = []
+    for name, fin, fout, _ in shape.linears():
+        if targets == "all-linear" or name in targets:
+            out += [r * fin, fout * r]
+    return out * shape.layers
+
+
+def optimizer_bytes(tensors: list[int], optimizer: str) -> int:
+    if optimizer == "adamw":
+        return 8 * sum(tensors)
+    return sum(2 * n + 8 * math.ceil(n / 256) if n >= MIN_8BIT_SIZE else 8 * n for n in tensors)
+
+
+def layer_activation_bytes(shape: Shape, tokens: int, compute_bytes: int, lora_dropout: bool, r: int) -> int:
+    """Tensors one decoder layer keeps for its backward pass, for `tokens` = batch x sequence positions."""
+    d, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    # attention: norm out, q/k/v, rotated q/k, attention out, o_proj out; MLP: norm out, gate, up,
+    # act(gate), act(gate) * up, down out; two fp32 RMSNorm inputs
+    per_token = compute_bytes * (d + q + 2 * kv + q + kv + q + d + d + 4 * i + d) + 2 * 4 * d
+    lora_inputs = 3 * d + q + 2 * d + i  # each LoRA module's dropout makes its own copy of its input
+    per_token += compute_bytes * lora_inputs * lora_dropout + 4 * r * 7
+    return tokens * per_token
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    items: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes) summing to the allocated peak
+    batch_key: str = ""
+    batch: int = 0
+    length_key: str = ""
+    length: int = 0
+
+    @property
+    def allocated(self) -> int:
+        return sum(b for _, b in self.items)
+
+    @property
+    def torch_allocated(self) -> int:
+        """The part `torch.cuda.max_memory_allocated` sees: paged optimizer state lives in CUDA unified
+        memory, outside PyTorch's allocator (it still occupies the card until it is paged out)."""
+        return sum(b for k, b in self.items if not k.startswith("optimizer state (paged"))
+
+    @property
+    def device_total(self) -> int:
+        """What the card must hold: the allocated peak, allocator slack and the CUDA context."""
+        return int(self.allocated * FRAGMENTATION) + CUDA_CONTEXT
+
+
+def compute_bytes_of(cfg: RecipeConfig) -> int:
+    return {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.compute_dtype]
+
+
+def optimizer_name(name: str) -> str:
+    return "paged_adamw_8bit" if name == "auto" else name  # auto = paged 8-bit AdamW on CUDA
+
+
+def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | None = None, length: int | None = None):
+    """The peak of `stage` (sft, rm, ppo, dpo), optionally at another batch size or sequence length."""
+    mc, lc = cfg.model, cfg.lora
+    cb = compute_bytes_of(cfg)
+    q = quantized_weight_bytes(shape, mc.quantization, mc.double_quant, cb)
+    base = [
+        ("base: quantized linear weights" if mc.quantization != "none" else "base: linear weights", q["weights"]),
+        ("base: quantization constants", q["constants"]),
+        ("base: embeddings, lm_head, norms (unquantized)", unquantized_bytes(shape, cb)),
+    ]
+    adapter = lora_tensors(shape, lc.r, lc.target_modules)
+    head = 4 * (shape.hidden + 1)
+    d, V, L = shape.hidden, shape.vocab, shape.layers
+    chunk = mc.logprob_chunk_size
+    dropout = lc.dropout > 0
+
+    def train_terms(trainable: int, n_heads_trainable: int, opt: str, seqs: int, seq_len: int, logits: bool):
+        tensors = adapter * trainable + [shape.hidden + 1] * n_heads_trainable
+        tokens = seqs * seq_len
+        terms = [
+            ("gradients of trainable LoRA/head (fp32)", 4 * sum(tensors)),
+            (f"optimizer state ({optimizer_name(opt)})", optimizer_bytes(tensors, optimizer_name(opt))),
+            ("activations: checkpointed layer inputs", L * tokens * d * cb),
+            (
+                "activations: one layer recomputed in backward (x2 with its grads)",
+                2 * layer_activation_bytes(shape, tokens, cb, dropout, lc.r),
+            ),
+            ("dequantized weight of the largest linear", max(fi * fo for _, fi, fo, _ in shape.linears()) * cb),
+        ]
+        if logits:  # one chunk of logits in the compute dtype, its fp32 log-softmax and its gradient
+            chunk_tokens = max(seqs, min(chunk, tokens))  # at least one position of every row per chunk
+            terms.append(("log-probs: one chunk of logits", chunk_tokens * V * (cb + 4 + 4)))
+        return terms
+
+    if stage == "sft":
+        sc = cfg.sft
+        b, s = batch or sc.batch_size, length or sc.max_length
+        items = base + [("LoRA adapters (fp32): policy", 4 * sum(adapter))]
+        items += train_terms(1, 0, sc.optimizer, b, s, logits=True)
+        return StageEstimate(stage, items, "sft.batch_size", b, "sft.max_length", s)
+    if stage == "rm":
+        rc = cfg.rm
+        b, s = batch or rc.batch_size, length or rc.max_length
+        items = base + [("LoRA adapters (fp32): reward", 4 * sum(adapter)), ("score head", head)]
+        items += train_terms(1, 1, rc.optimizer, 2 * b, s, logits=False)  # chosen and rejected in one pass
+        return StageEstimate(stage, items, "rm.batch_size", b, "rm.max_length", s)
+    if stage == "dpo":
+        dc = cfg.dpo
+        b, s = batch or dc.batch_size, length or dc.max_length
+        items = base + [("LoRA adapters (fp32): policy, reference", 2 * 4 * sum(adapter))]
+        items += train_terms(1, 0, dc.optimizer, 2 * b, s, logits=True)
+        return StageEstimate(stage, items, "dpo.batch_size", b, "dpo.max_length", s)
+    if stage == "ppo":
+        pc = cfg.ppo
+        mb = batch or pc.micro_batch_size
+        new = length or pc.max_new_tokens
+        s = pc.max_prompt_length + new
+        critic = pc.advantage == "gae" and pc.critic == "separate"
+        roles = ["policy", "reference", "reward"] + (["value"] if critic else [])
+        heads = 1 + (pc.advantage == "gae")  # reward head, and the value head (separate or shared)
+        items = base + [
+            (f"LoRA adapters (fp32): {', '.join(roles)}", len(roles) * 4 * sum(adapter)),
+            ("score/value heads", heads * head),
+        ]
+        n_rollout = pc.rollout_batch_size * (pc.group_size if pc.advantage in ("grpo", "rloo") else 1)
+        kv = 2 * L * shape.kv_heads * shape.head_dim * cb
+        rollout = [
+            ("rollout: KV cache", n_rollout * s * kv),
+            ("rollout: last-position logits and sampling probabilities (fp32)", n_rollout * V * (cb + 4 + 4)),
+            (
+                "rollout: prefill activations of one layer",
+                n_rollout * pc.max_prompt_length * (d + 2 * shape.intermediate) * cb,
+            ),
+        ]
+        buffers = ("rollout buffers (ids, log-probs, values, advantages)", n_rollout * s * (8 + 4 * 6))
+        train = train_terms(1 + critic, int(pc.advantage == "gae"), pc.optimizer, mb, s, logits=True)
+        fixed = [t for t in train if t[0].startswith(("gradients", "optimizer"))]
+        phase_train = [t for t in train if t not in fixed]
+        # the rollout's KV cache is freed before the update: the peak is the larger of the two phases
+        if sum(b for _, b in rollout) > sum(b for _, b in phase_train):
+            items += fixed + rollout
+        else:
+            items += fixed + phase_train
+        items.append(buffers)
+        return StageEstimate(stage, items, "ppo.micro_batch_size", mb, "ppo.max_new_tokens", new)
+    raise ValueError(f"no memory model for stage {stage!r}")
+
+
+def largest_fitting(cfg: RecipeConfig, shape: Shape, stage: str, card: int, what: str) -> int:
+    """The largest batch size (what="batch") or sequence length (what="length") whose peak fits `card` bytes;
+    0 when even 1 does not."""
+
+    def fits(n: int) -> bool:
+        e = estimate_stage(cfg, shape, stage, **{what: n})
+        return e.device_total <= card
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= 1 << 20 and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def parse_size(text: str) -> int:
+    """'16GB', '16G', '16GiB', '24' (GB) -> bytes (GB = GiB here: card sizes are powers of two)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"G": GiB, "M": 2**20, "T": 2**40}
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(float(t) * GiB)
+    except ValueError:
+        raise UserError(f"--gpu-memory: cannot read {text!r}; write it like 16GB or 24") from None
+
+
+def gb(n: int) -> str:
+    return f"{n / GiB:.2f} GB"
+
+
+def estimate_recipe(cfg: RecipeConfig, stages: list[str], shape_name: str | None = None) -> tuple[Shape, str, list]:
+    shape, source = resolve_shape(shape_name or cfg.model.name_or_path)
+    return shape, source, [estimate_stage(cfg, shape, s) for s in stages]
+
+
+def check_fits(cfg: RecipeConfig, stage: str, device) -> None:
+    """Before a stage loads the model on a GPU: warn when the estimate says the run will not fit."""
+    import logging
+
+    import torch
+
+    if device.type != "cuda":
+        return
+    log = logging.getLogger(__name__)
+    try:
+        shape, _ = resolve_shape(cfg.model.name_or_path)
+    except UserError:
+        log.debug("memory check skipped: no config.json for %s yet", cfg.model.name_or_path)
+        return
+    e = estimate_stage(cfg, shape, stage)
+    _, total = torch.cuda.mem_get_info(device)
+    if e.device_total > total:
+        fit = largest_fitting(cfg, shape, stage, total, "batch")
+        hint = f"largest {e.batch_key} that fits: {fit}" if fit else f"even {e.batch_key}=1 does not fit"
+        log.warning(
+            "%s: predicted peak %s (allocated %s + slack + CUDA context) exceeds this GPU's %s; %s "
+            "(see `lowmem-rlhf estimate`). Trying anyway.",
+            stage,
+            gb(e.device_total),
+            gb(e.allocated),
+            gb(total),
+            hint,
+        )
+
+
+def prediction_record(cfg: RecipeConfig, shape_name: str, stage: str, measured_gib: float | None) -> dict:
+    """For the benchmarks: the prediction of what `torch.cuda.max_memory_allocated` will see, its
+    breakdown and its relative error against a measured peak (the target is within 10%)."""
+    e = estimate_stage(cfg, resolve_shape(shape_name)[0], stage)
+    predicted = e.torch_allocated / GiB
+    return {
+        "predicted_allocated_gib": predicted,
+        "breakdown_gib": {k: v / GiB for k, v in e.items},
+        "error": None if measured_gib is None else predicted / measured_gib - 1,
+    }

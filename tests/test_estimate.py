@@ -1,0 +1,232 @@
+"""`estimate`: hand-computed breakdowns for two real shapes; byte counts equal the tiny 4-bit model's."""
+
+import json
+from dataclasses import replace
+
+import bitsandbytes as bnb
+import pytest
+import yaml
+from conftest import REPO
+
+from lowmem_rlhf.cli import main
+from lowmem_rlhf.config import LoRAConfig, ModelConfig, config_from_dict
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.bank import AdapterBank, lora_config
+from lowmem_rlhf.model.loading import load_base
+from lowmem_rlhf.model.memory import (
+    GiB,
+    buffer_bytes,
+    estimate_stage,
+    largest_fitting,
+    lora_tensors,
+    parse_size,
+    quantized_weight_bytes,
+    resolve_shape,
+    unquantized_bytes,
+)
+
+
+def cfg(**sections):
+    data = {"model": {"name_or_path": "llama-3.1-8b"}, "lora": {"r": 16, "dropout": 0.0}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return config_from_dict(data)
+
+
+def test_llama_3_1_8b_by_hand():
+    shape, source = resolve_shape("meta-llama/Llama-3.1-8B-Instruct")
+    assert source == "known shape llama-3.1-8b" and not shape.tied and shape.kv_heads == 8
+    # per layer: q, o 4096x4096; k, v 4096x1024; gate, up, down 4096x14336 -> 218,103,808 weights
+    weights = 32 * (2 * 16_777_216 + 2 * 4_194_304 + 3 * 58_720_256)
+    assert weights == 6_979_321_856
+    # double quant, per tensor: one uint8 absmax per 64 weights, one fp32 per 256 blocks, a 256-entry
+    # fp32 code, an fp32 offset and the 16-entry fp32 NF4 code: q 262144 + 4096 + 1092 = 267332 bytes
+    per_layer_constants = 2 * 267_332 + 2 * 67_652 + 3 * 932_932
+    q = quantized_weight_bytes(shape, "nf4", True, 2)
+    assert q == {"weights": weights // 2, "constants": 32 * per_layer_constants}
+    # without double quant: an fp32 absmax per 64 weights (+ the NF4 code)
+    assert quantized_weight_bytes(shape, "nf4", False, 2)["constants"] == 4 * weights // 64 + 32 * 7 * 64
+    assert quantized_weight_bytes(shape, "int8", False, 2) == {
+        "weights": weights,
+        "constants": 32 * 4 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096),  # fp32 scale per output row
+    }
+    # untied embeddings and lm_head, 65 RMSNorms, bf16
+    assert unquantized_bytes(shape, 2) == 2 * (2 * 128_256 * 4096 + 65 * 4096)
+    # LoRA r=16 on all seven linears: 16 x (in + out) each -> 1,310,720 per layer, 41.9M in all
+    assert sum(lora_tensors(shape, 16, "all-linear")) == 32 * 1_310_720 == 41_943_040
+    assert sum(lora_tensors(shape, 16, ["q_proj", "v_proj"])) == 32 * 16 * (8192 + 5120)
+
+    # SFT with 32-bit AdamW, batch 1 x 1024 tokens, log-probs in 1024-token chunks, no LoRA dropout
+    e = estimate_stage(
+        cfg(sft={"batch_size": 1, "max_length": 1024, "optimizer": "adamw"}, model={"logprob_chunk_size": 1024}),
+        shape,
+        "sft",
+    )
+    items = dict(e.items)
+    lora = 41_943_040
+    assert items["LoRA adapters (fp32): policy"] == 4 * lora
+    assert items["gradients of trainable LoRA/head (fp32)"] == 4 * lora
+    assert items["optimizer state (adamw)"] == 8 * lora
+    assert items["activations: checkpointed layer inputs"] == 32 * 1024 * 4096 * 2
+    # one layer: 2 bytes x (d + q + 2kv + q + kv + q + d + d + 4i + d) + two fp32 norm inputs + LoRA A outputs
+    per_token = 2 * (4 * 4096 + 3 * 4096 + 3 * 1024 + 4 * 14336) + 2 * 4 * 4096 + 4 * 16 * 7
+    assert items["activations: one layer recomputed in backward (x2 with its grads)"] == 2 * 1024 * per_token
+    assert items["log-probs: one chunk of logits"] == 1024 * 128_256 * (2 + 4 + 4)
+    assert items["dequantized weight of the largest linear"] == 4096 * 14336 * 2
+    hand = (
+        weights // 2
+        + 32 * per_layer_constants
+        + 2 * (2 * 128_256 * 4096 + 65 * 4096)
+        + (4 + 4 + 8) * lora
+        + 32 * 1024 * 4096 * 2
+        + 2 * 1024 * per_token
+        + 1024 * 128_256 * 10
+        + 4096 * 14336 * 2
+    )
+    assert e.allocated == hand == sum(items.values())  # 7.92 GiB
+
+
+def test_qwen2_5_0_5b_by_hand():
+    shape, _ = resolve_shape("qwen2.5-0.5b")
+    assert shape.tied and shape.qkv_bias and shape.head_dim == 64 and shape.kv_heads == 2
+    # per layer: q, o 896x896; k, v 896x128; gate, up, down 896x4864 -> 14,909,440 weights
+    weights = 24 * (2 * 802_816 + 2 * 114_688 + 3 * 4_358_144)
+    assert weights == 357_826_560
+    # no double quant: fp32 absmax per 64-weight block (rounded up) + 64-byte NF4 code, per tensor
+    per_layer = 2 * (4 * 12_544 + 64) + 2 * (4 * 1_792 + 64) + 3 * (4 * 68_096 + 64)
+    assert quantized_weight_bytes(shape, "fp4", False, 2) == {"weights": weights // 2, "constants": 24 * per_layer}
+    # tied embeddings counted once; 49 norms; q, k, v biases (896 + 128 + 128) per layer
+    assert unquantized_bytes(shape, 2) == 2 * (151_936 * 896 + 49 * 896 + 24 * 1152)
+
+    # PPO with a separate critic: four adapters, policy + value trained with 8-bit AdamW
+    c = cfg(
+        model={"name_or_path": "qwen2.5-0.5b"},
+        ppo={
+            "rollout_batch_size": 8,
+            "max_prompt_length": 128,
+            "max_new_tokens": 128,
+            "micro_batch_size": 2,
+            "mini_batch_size": 2,
+            "optimizer": "adamw_8bit",
+        },
+    )
+    e = estimate_stage(c, shape, "ppo")
+    items = dict(e.items)
+    lora = sum(lora_tensors(shape, 16, "all-linear"))
+    assert lora == 24 * 16 * (2 * 1792 + 2 * 1024 + 3 * 5760) == 8_798_208
+    assert items["LoRA adapters (fp32): policy, reference, reward, value"] == 4 * 4 * lora
+    # 8-bit AdamW: 2 bytes per element + two fp32 block maxima per 256 elements, for tensors of at least
+    # 4096 elements; smaller ones (k/v LoRA B: 128 x 16 = 2048; the 897-element value head) stay 32-bit.
+    # Per layer: nine 14336-element tensors (29120 B each), three 77824 (158080 B), two 2048 (16384 B)
+    per_layer = 9 * 29_120 + 3 * 158_080 + 2 * 16_384
+    assert items["optimizer state (adamw_8bit)"] == 2 * 24 * per_layer + 8 * 897
+    # update phase: 2 x 256 tokens; its log-prob chunk (512 tokens x 151936 x 10 B) outweighs the rollout's
+    # KV cache (8 x 256 tokens x 2 x 24 layers x 128 x 2 B = 25 MB), so the update phase is the peak
+    assert items["log-probs: one chunk of logits"] == 512 * 151_936 * 10
+    assert "rollout: KV cache" not in items
+    big = estimate_stage(replace(c, ppo=replace(c.ppo, rollout_batch_size=256)), shape, "ppo")
+    big_items = dict(big.items)
+    assert big_items["rollout: KV cache"] == 256 * 256 * 2 * 24 * 128 * 2
+    assert "log-probs: one chunk of logits" not in big_items
+    assert e.batch == 2 and e.length == 128
+
+
+def test_counts_equal_the_tiny_4bit_model(tiny_path):
+    model, _ = load_base(ModelConfig(device="cpu"))
+    shape, _ = resolve_shape("builtin:tiny")
+    packed = constants = unquantized = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            packed += module.weight.numel() * module.weight.element_size()
+            tensors = [qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+            constants += sum(t.numel() * t.element_size() for t in tensors)
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit):
+            unquantized += p.numel() * p.element_size()
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    q = quantized_weight_bytes(shape, "nf4", True, 4)  # CPU computes in fp32
+    assert (q["weights"], q["constants"]) == (packed, constants)
+    assert unquantized_bytes(shape, 4) == unquantized
+    assert buffer_bytes(shape) == buffers
+
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    bank.add_role("policy", lora=lora_config(LoRAConfig(r=8)))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora == sum(lora_tensors(shape, 8, "all-linear"))
+
+
+def test_largest_fitting_and_sizes():
+    c = cfg(sft={"batch_size": 2, "max_length": 2048})
+    shape, _ = resolve_shape("llama-3.1-8b")
+    card = 16 * GiB
+    best = largest_fitting(c, shape, "sft", card, "batch")
+    assert estimate_stage(c, shape, "sft", batch=best).device_total <= card
+    assert estimate_stage(c, shape, "sft", batch=best + 1).device_total > card
+    assert largest_fitting(c, shape, "sft", 4 * GiB, "batch") == 0  # the weights alone do not fit
+    assert parse_size("16GB") == parse_size("16") == parse_size("16GiB") == 16 * GiB
+    assert parse_size("512MB") == 512 * 2**20
+    with pytest.raises(UserError, match="cannot read"):
+        parse_size("lots")
+
+
+def test_estimate_cli(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stages": ["sft", "ppo", "compare"],
+                "model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"},
+                "sft": {"dataset": "x.jsonl", "batch_size": 2, "max_length": 2048},
+                "ppo": {"dataset": "x.jsonl", "micro_batch_size": 4, "mini_batch_size": 4},
+            }
+        )
+    )
+    assert main(["estimate", str(recipe), "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "stage sft (sft.batch_size=2, sft.max_length=2048)" in out and "stage ppo" in out
+    assert "-> fits in 24.00 GB" in out
+    assert main(["estimate", str(recipe), "--gpu-memory", "6GB", "--json", "--stage", "sft"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["stages"]) == ["sft"] and report["stages"]["sft"]["fits"] is False
+    assert main(["estimate", str(recipe), "model.name_or_path=org/unknown-model"]) == 2
+    assert "no config.json for 'org/unknown-model'" in capsys.readouterr().err
+    assert main(["estimate", str(recipe), "model.name_or_path=org/unknown-model", "--shape", "qwen2.5-7b"]) == 0
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 64}))
+    assert main(["estimate", str(recipe), f"model.name_or_path={folder}"]) == 2
+    assert "lacks vocab_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("recipe", "card"),
+    [
+        ("llama-3.1-8b/sft.yaml", "16GB"),
+        ("llama-3.1-8b/pipeline.yaml", "16GB"),
+        ("llama-3.1-8b/grpo.yaml", "16GB"),
+        ("qwen2.5-7b/pipeline.yaml", "24GB"),
+        ("qwen2.5-7b/grpo.yaml", "24GB"),
+    ],
+)
+def test_real_model_recipes_fit_the_card_they_name(recipe, card, capsys):
+    path = REPO / "recipes" / recipe
+    assert f"--gpu-memory {card}" in path.read_text() or "16 GB" in path.read_text()
+    assert main(["estimate", str(path), "--gpu-memory", card]) == 0, capsys.readouterr().out
+
+
+def test_stage_check_warns_before_loading_when_the_card_is_too_small(monkeypatch, caplog):
+    import torch
+
+    from lowmem_rlhf.model.memory import check_fits
+
+    c = cfg(sft={"batch_size": 8, "max_length": 4096})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 12 * GiB))
+    with caplog.at_level("WARNING"):
+        check_fits(c, "sft", torch.device("cuda"))
+        assert "exceeds this GPU's 12.00 GB" in caplog.text
+        assert "largest sft.batch_size that fits: 1" in caplog.text
+        caplog.clear()
+        check_fits(cfg(sft={"batch_size": 1, "max_length": 512}), "sft", torch.device("cuda"))
+        check_fits(c, "sft", torch.device("cpu"))  # nothing to check without a GPU
+    assert caplog.text == ""
