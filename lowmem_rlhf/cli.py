@@ -21,6 +21,7 @@ STAGE_COMMANDS = {
     "rm": "lowmem_rlhf.stages.rm",
     "ppo": "lowmem_rlhf.stages.ppo",
     "dpo": "lowmem_rlhf.stages.dpo",
+    "compare": "lowmem_rlhf.stages.compare",
 }
 
 
@@ -73,6 +74,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             cfg = load_config(recipe, args.overrides)
             for stage in cfg.stages:
+                if stage == "compare":
+                    source = cfg.compare.prompts or cfg.ppo.eval_dataset
+                    if source is None:
+                        raise UserError(f"recipe {recipe}: stage compare is listed but `compare.prompts` is not set")
+                    resolve_source(source)
+                    continue
                 for key in ("dataset", "eval_dataset"):
                     source = getattr(getattr(cfg, stage), key, None)
                     if source is not None:
@@ -177,6 +184,87 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from lowmem_rlhf.stages.compare import compare_runs, open_run
+
+    first = open_run(args.run_dirs[0])
+    given = {
+        "prompts": args.prompts,
+        "num_prompts": args.num_prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "batch_size": args.batch_size,
+        "reward_from": args.reward_from,
+    }
+    cc = dataclasses.replace(first.cfg.compare, runs=[], **{k: v for k, v in given.items() if v is not None})
+    seed = first.cfg.seed if args.seed is None else args.seed
+    compare_runs(args.run_dirs, cc, seed, args.output or first.path / "compare")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.config import load_config
+    from lowmem_rlhf.model.memory import (
+        CUDA_CONTEXT,
+        FRAGMENTATION,
+        estimate_recipe,
+        gb,
+        largest_fitting,
+        parse_size,
+    )
+
+    cfg = load_config(args.recipe, args.overrides)
+    stages = args.stage or [s for s in cfg.stages if s != "compare"] or ["sft"]
+    card = parse_size(args.gpu_memory) if args.gpu_memory else None
+    shape, source, estimates = estimate_recipe(cfg, stages, args.shape)
+    report = {"model": cfg.model.name_or_path, "shape_source": source, "shape": vars(shape), "stages": {}}
+    mc = cfg.model
+    quant = mc.quantization + (" + double quant" if mc.double_quant and mc.quantization in ("nf4", "fp4") else "")
+    dtype = "bfloat16" if mc.compute_dtype == "auto" else mc.compute_dtype
+    lines = [
+        f"model: {cfg.model.name_or_path} ({source}): {shape.layers} layers, hidden {shape.hidden}, "
+        f"vocab {shape.vocab}; {quant}, compute {dtype}; LoRA r={cfg.lora.r} on {cfg.lora.target_modules}",
+    ]
+    for e in estimates:
+        entry = {
+            "items": dict(e.items),
+            "allocated_bytes": e.allocated,
+            "device_bytes": e.device_total,
+            e.batch_key: e.batch,
+            e.length_key: e.length,
+        }
+        lines += ["", f"stage {e.stage} ({e.batch_key}={e.batch}, {e.length_key}={e.length})"]
+        width = max(len(k) for k, _ in e.items) + 2
+        lines += [f"  {k:<{width}}{gb(v):>10}" for k, v in e.items]
+        lines.append(f"  {'peak allocated':<{width}}{gb(e.allocated):>10}")
+        slack = f"+{round((FRAGMENTATION - 1) * 100)}% slack, +{gb(CUDA_CONTEXT)} CUDA context"
+        lines.append(f"  {'on the card (' + slack + ')':<{width}}{gb(e.device_total):>10}")
+        if card is not None:
+            fits = e.device_total <= card
+            batch = largest_fitting(cfg, shape, e.stage, card, "batch")
+            length = largest_fitting(cfg, shape, e.stage, card, "length")
+            verdict = "fits" if fits else "DOES NOT FIT"
+            lines.append(
+                f"  -> {verdict} in {gb(card)}: largest {e.batch_key} {batch or 'none'} "
+                f"(at {e.length_key}={e.length}), largest {e.length_key} {length or 'none'} "
+                f"(at {e.batch_key}={e.batch})"
+            )
+            entry.update({"fits": fits, "largest_batch": batch, "largest_length": length, "card_bytes": card})
+        report["stages"][e.stage] = entry
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(lines))
+        print("\nPredicted for full-length batches; docs/performance.md compares the estimate with measured peaks.")
+    if card is not None and not all(v["fits"] for v in report["stages"].values()):
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowmem-rlhf",
@@ -215,6 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_show)
 
+    p = sub.add_parser(
+        "estimate",
+        help="predict each stage's peak GPU memory from the model's config.json (nothing is loaded)",
+        description="Predicts the peak GPU memory of each stage of a recipe from the model's config.json alone "
+        "(or a known shape), offline. With --gpu-memory, says whether each stage fits and the largest batch "
+        "size and sequence length that do; exits 1 when a stage does not fit.",
+    )
+    p.add_argument("recipe", help="path of a YAML recipe")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="the card's memory, e.g. 12GB, 16GB, 24GB")
+    p.add_argument(
+        "--stage",
+        action="append",
+        choices=["sft", "rm", "ppo", "dpo"],
+        help="stage to estimate (repeatable; default: the recipe's stages)",
+    )
+    p.add_argument("--shape", help="use a known architecture instead of model.name_or_path's config.json")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    p.set_defaults(func=cmd_estimate)
+
     p = sub.add_parser("score", help="score prompt/response rows with a run's reward model")
     p.add_argument("run_dir", help="output_dir of a run whose rm stage finished")
     p.add_argument("--input", required=True, help="JSONL/JSON/CSV/Parquet rows with `prompt` and `response`")
@@ -223,6 +331,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "compare",
+        help="sample SFT and every finished PPO/DPO policy of the runs on the same prompts; report and plots",
+        description="Samples every finished policy (ppo, dpo) of the given runs and each run's SFT policy on the "
+        "same prompts with the same seeds; scores them with the reward model (and the gold scorer of the "
+        "bundled tiny task); writes report.md, report.json, samples.jsonl and PNG plots. Options left out "
+        "take the first run's `compare` settings.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of runs with a finished sft stage")
+    p.add_argument("--prompts", help="held-out prompts file or Hub id (default: compare.prompts or ppo.eval_dataset)")
+    p.add_argument("--output", help="report folder (default: RUN_DIR/compare of the first run)")
+    p.add_argument("--num-prompts", type=int, help="use the first N prompts, 0 = all (default: compare.num_prompts)")
+    p.add_argument("--max-new-tokens", type=int, help="longest response (default: compare.max_new_tokens)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 1.0)")
+    p.add_argument("--top-k", type=int, help="top-k sampling, 0 = off (default)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the first run's seed)")
+    p.add_argument("--batch-size", type=int, help="prompts per generation batch (default: compare.batch_size)")
+    p.add_argument("--reward-from", metavar="RUN_DIR", help="score every sample with this run's reward model")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample from a run's adapter for given prompts")
     p.add_argument("run_dir", help="output_dir of a run")

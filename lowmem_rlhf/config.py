@@ -21,7 +21,7 @@ import yaml
 
 from lowmem_rlhf.errors import UserError
 
-STAGES = ("sft", "rm", "ppo", "dpo")
+STAGES = ("sft", "rm", "ppo", "dpo", "compare")
 REPORT_SINKS = ("tensorboard", "wandb")
 
 
@@ -56,7 +56,9 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     device: str = _f("auto", "Device for the whole run: auto (cuda if available, else cpu), cuda, cuda:N or cpu.")
     logprob_chunk_size: int = _f(
-        512, "Sequence positions per chunk when computing log-probs, so full fp32 logits are never materialised."
+        1024,
+        "Tokens (over the whole batch) per chunk when computing log-probs, so full fp32 logits are never "
+        "materialised: a chunk's logits take this x vocab x 4 bytes.",
     )
 
 
@@ -157,10 +159,20 @@ class DPOConfig(TrainingConfig):
         "sigmoid", "sigmoid (DPO), ipo, hinge (SLiC) or robust (noise-robust DPO)."
     )
     label_smoothing: float = _f(0.0, "Assumed share of flipped labels for sigmoid (cDPO) and robust losses.")
+    length_normalize: bool = _f(
+        False, "Compare mean per-token log-probs instead of sums (length-normalised DPO/IPO, as in SimPO)."
+    )
+    sft_coef: float = _f(
+        0.0,
+        "RPO: add this times the chosen response's per-token NLL to each pair's loss (TRL's rpo_alpha); "
+        "keeps the chosen likelihood from falling.",
+    )
     precompute_ref_logprobs: bool = _f(
         False, "Compute every reference log-prob once before training instead of a reference pass per step."
     )
-    kl_samples: int = _f(64, "Prompts sampled after training to measure the policy's KL to the reference (0 = off).")
+    kl_samples: int = _f(
+        64, "Prompts sampled at each evaluation (and at the end) to measure the policy's KL to the reference (0 = off)."
+    )
     max_new_tokens: int = _f(64, "Longest response sampled for the KL measurement.")
 
     def __post_init__(self) -> None:
@@ -169,6 +181,8 @@ class DPOConfig(TrainingConfig):
             raise UserError(f"`beta` must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"`label_smoothing` must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_coef < 0:
+            raise UserError(f"`sft_coef` must be 0 or positive, got {self.sft_coef}")
 
 
 @dataclass
@@ -258,6 +272,36 @@ class PPOConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`compare`: sample SFT and every trained policy on the same held-out prompts, score and report."""
+
+    prompts: str | None = _f(
+        None, "Held-out prompts ({prompt} or {messages} rows), same sources as sft; null = ppo.eval_dataset."
+    )
+    split: str = _f("test", "Split to use when `prompts` is a Hub dataset id.")
+    num_prompts: int = _f(128, "Use the first N prompts (0 = all).")
+    max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.")
+    max_new_tokens: int = _f(64, "Longest response sampled.")
+    temperature: float = _f(1.0, "Sampling temperature for every policy (0 = greedy).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling; 0 = off.")
+    batch_size: int = _f(64, "Prompts per generation / scoring batch.")
+    runs: list[str] = _f([], "Other run folders whose finished ppo and dpo policies join this run's in the report.")
+    reward_from: str | None = _f(
+        None, "Run folder whose reward model scores every sample; null = each run's own (runs without one get none)."
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "max_prompt_length"):
+            if getattr(self, key) < 1:
+                raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
+        if self.num_prompts < 0:
+            raise UserError(f"`num_prompts` must be 0 (all) or more, got {self.num_prompts}")
+        if self.temperature < 0:
+            raise UserError(f"`temperature` must be 0 (greedy) or positive, got {self.temperature}")
+
+
+@dataclass
 class RecipeConfig:
     """A whole pipeline run: which stages, on which model, written where."""
 
@@ -270,6 +314,9 @@ class RecipeConfig:
     rm: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward-model stage (output: reward/)."})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "RL stage: PPO, GRPO, RLOO or ReMax."})
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "DPO stage, the alternative to RM + PPO."})
+    compare: CompareConfig = field(
+        default_factory=CompareConfig, metadata={"help": "Side-by-side report of the SFT, PPO and DPO policies."}
+    )
 
     def __post_init__(self) -> None:
         for stage in self.stages:

@@ -19,7 +19,7 @@ from lowmem_rlhf.train.loop import fingerprint
 logger = logging.getLogger(__name__)
 
 # Stage name (recipe key, CLI command) -> its folder in output_dir.
-STAGE_DIRS = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
+STAGE_DIRS = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo", "compare": "compare"}
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,8 @@ from lowmem_rlhf.data.prompts import tokenize_prompts
 from lowmem_rlhf.data.sft import collate_sft
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
-from lowmem_rlhf.model.loading import load_base, load_tokenizer
+from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
+from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
@@ -132,6 +133,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     if pc.ptx_coef > 0:
         ptx = _ptx_source(cfg, tokenizer)
 
+    check_fits(cfg, "ppo", resolve_device(cfg.model.device))
     model, tokenizer = load_base(cfg.model)
     bank = build_rl_bank(model, sft_dir, reward_dir, pc, pc.gradient_checkpointing)
     stats = rm_done.get("reward_stats")

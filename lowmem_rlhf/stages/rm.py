@@ -19,7 +19,8 @@ from lowmem_rlhf.config import RecipeConfig, RewardConfig
 from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples, pad_sequences
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
-from lowmem_rlhf.model.loading import load_base, load_tokenizer
+from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
+from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.ops.preference import bradley_terry_loss, pairwise_accuracy, pearson
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
@@ -155,6 +156,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     )
     logger.info("rm: %d training pairs, %d held-out pairs", len(train), len(evals))
 
+    check_fits(cfg, "rm", resolve_device(cfg.model.device))
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=rc.gradient_checkpointing)
     if sft_dir is not None:

@@ -12,7 +12,8 @@ from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.sft import collate_sft, tokenize_sft
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
-from lowmem_rlhf.model.loading import load_base, load_tokenizer
+from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
+from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.stages.common import begin_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.loop import TrainLoop, fingerprint
 from lowmem_rlhf.train.losses import sft_loss_sum
@@ -52,6 +53,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     train = _load_examples(sc.dataset, sc.dataset_split, tokenizer, cfg, sc.max_samples)
     evals = _load_examples(sc.eval_dataset, sc.eval_split, tokenizer, cfg, None) if sc.eval_dataset else []
 
+    check_fits(cfg, "sft", resolve_device(cfg.model.device))
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=sc.gradient_checkpointing)
     bank.add_role(ROLE, lora=lora_config(cfg.lora), trainable=True)

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--stages", nargs="+", default=["sft", "ppo"], help="stage adapters to compare (if present)")
+    parser.add_argument(
+        "--stages", nargs="+", default=["sft", "ppo", "dpo"], help="stage adapters to compare (if present)"
+    )
     parser.add_argument("--n", type=int, default=64, help="held-out prompts to sample (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--show", type=int, default=5, help="samples to print per model")

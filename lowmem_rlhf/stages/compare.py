@@ -1,0 +1,549 @@
+"""`compare`: every trained policy (PPO, GRPO, RLOO, ReMax, DPO) beside its SFT policy, on the same prompts.
+
+One base model is loaded; each run's SFT adapter, trained policies and reward model are roles on it.
+Every policy samples the same held-out prompts with the same seeds and sampling settings, so a
+policy's sample of a prompt and its SFT policy's sample share their random numbers. Each sample is
+scored by a reward model and, on the bundled tiny task, by the gold scorer; its log-prob is taken
+under the policy and under the run's SFT adapter (the reference of both PPO and DPO), so
+`kl` = Σ_t log π − log π_SFT over the response, whose mean over samples estimates KL(π ‖ π_SFT).
+
+Output folder (`output_dir/compare/` as a pipeline stage, or `--output`):
+  samples.jsonl   every sample with its numbers; `summarize` recomputes the report from it alone
+  report.json     settings, per-policy numbers, training curves' sources
+  report.md       the table, the plots and a few side-by-side samples
+  reward_vs_kl.png, training.png, lengths.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem_rlhf.config import CompareConfig, RecipeConfig, config_from_dict, read_recipe
+from lowmem_rlhf.data.batching import pad_sequences
+from lowmem_rlhf.data.formats import load_rows
+from lowmem_rlhf.data.prompts import tokenize_prompts
+from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.bank import AdapterBank
+from lowmem_rlhf.model.forward import response_logprob_sums
+from lowmem_rlhf.model.loading import load_base
+from lowmem_rlhf.model.scoring import sequence_scores
+from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.stages.common import STAGE_DIRS, Manifest, begin_stage, stage_settings
+from lowmem_rlhf.stages.ppo import tiny_gold_fn
+from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
+from lowmem_rlhf.train.loop import fingerprint
+from lowmem_rlhf.train.metrics import read_metrics
+
+logger = logging.getLogger(__name__)
+
+POLICY_STAGES = ("ppo", "dpo")
+# The settings of the base that every compared run must share (they are sampled on one loaded base).
+BASE_KEYS = ("name_or_path", "revision", "quantization", "double_quant", "compute_dtype")
+PLOTS = ("reward_vs_kl.png", "training.png", "lengths.png")
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    cfg: RecipeConfig
+    stages: dict  # manifest entries of the finished stages
+
+
+@dataclass
+class Policy:
+    label: str  # "tiny/ppo", "tiny/dpo", "tiny/sft"
+    run: Run
+    stage: str  # "sft", "ppo" or "dpo"
+    method: str  # "sft", "ppo", "grpo", "rloo", "remax" or "dpo"
+    role: str  # adapter name on the shared bank
+    sft_role: str  # the run's SFT adapter: reference of the KL and baseline of the win rates
+    reward_role: str | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# runs
+
+
+def open_run(path: str | Path) -> Run:
+    """A run folder with its resolved config and finished stages; a clear error for anything else."""
+    run = Path(path)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a run")
+    cfg = config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
+    stages = Manifest(run).data["stages"]
+    if "sft" not in stages:
+        raise UserError(f"{run}: compare needs the run's finished sft stage (its policies' reference and baseline)")
+    return Run(run, run.resolve().name, cfg, stages)
+
+
+def method_of(run: Run, stage: str) -> str:
+    return run.cfg.ppo.advantage.replace("gae", "ppo") if stage == "ppo" else stage
+
+
+def build_policies(runs: list[Run], reward_from: Run | None) -> tuple[list[Policy], dict[str, Path]]:
+    """The policies to sample (each run's SFT first, then its ppo and dpo) and the adapter folder of each role.
+
+    Reward roles are named `*_reward`; they load their score head.
+    """
+    names = [r.name for r in runs]
+    policies, dirs = [], {}
+    if reward_from is not None:
+        if "rm" not in reward_from.stages:
+            raise UserError(f"--reward-from {reward_from.path}: that run has no finished rm stage")
+        dirs["judge_reward"] = reward_from.path / STAGE_DIRS["rm"]
+    for i, run in enumerate(runs):
+        # Two folders with the same name (a/tiny, b/tiny) are labelled by their path.
+        name = run.name if names.count(run.name) == 1 else str(run.path)
+        reward_role = None
+        if reward_from is not None:
+            reward_role = "judge_reward"
+        elif "rm" in run.stages:
+            reward_role = f"run{i}_reward"
+            dirs[reward_role] = run.path / STAGE_DIRS["rm"]
+        sft_role = f"run{i}_sft"
+        dirs[sft_role] = run.path / STAGE_DIRS["sft"]
+        policies.append(Policy(f"{name}/sft", run, "sft", "sft", sft_role, sft_role, reward_role))
+        for stage in POLICY_STAGES:
+            if stage in run.stages:
+                role = f"run{i}_{stage}"
+                dirs[role] = run.path / STAGE_DIRS[stage]
+                method = method_of(run, stage)
+                policies.append(Policy(f"{name}/{method}", run, stage, method, role, sft_role, reward_role))
+    if len(policies) == len(runs):
+        raise UserError(
+            f"no finished ppo or dpo stage in {', '.join(str(r.path) for r in runs)}; nothing to compare with SFT"
+        )
+    base = {k: getattr(runs[0].cfg.model, k) for k in BASE_KEYS}
+    for run in runs[1:]:
+        other = {k: getattr(run.cfg.model, k) for k in BASE_KEYS}
+        if other != base:
+            diff = ", ".join(f"model.{k}: {base[k]!r} vs {other[k]!r}" for k in BASE_KEYS if base[k] != other[k])
+            raise UserError(
+                f"compare loads one base model, but {run.path} and {runs[0].path} differ ({diff}); "
+                "compare them separately"
+            )
+    return policies, dirs
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling and scoring
+
+
+@torch.no_grad()
+def collect_samples(
+    bank: AdapterBank,
+    tokenizer,
+    policies: list[Policy],
+    prompts: list[list[int]],
+    texts: list[str],
+    sampling: SamplingConfig,
+    seed: int,
+    batch_size: int,
+    chunk_size: int,
+    gold_fn,
+) -> list[dict]:
+    """One sample per prompt and policy, with its reward, gold score, log-probs, length and EOS flag."""
+    from tqdm.auto import tqdm
+
+    # Log-probs under the distribution that was sampled (the model's own for greedy decoding).
+    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = []
+    batches = range(0, len(prompts), batch_size)
+    bar = tqdm(total=len(policies) * len(batches), desc="compare", unit="batch", disable=None)
+    for policy in policies:
+        for start in batches:
+            chunk = prompts[start : start + batch_size]
+            gen = generate(bank, policy.role, chunk, sampling, eos, pad, seed + start)
+            with bank.use(policy.role) as m:
+                logp = response_logprob_sums(m, chunk, gen.response_ids, pad, chunk_size, temperature)
+            if policy.role == policy.sft_role:
+                ref = logp
+            else:
+                with bank.use(policy.sft_role) as m:
+                    ref = response_logprob_sums(m, chunk, gen.response_ids, pad, chunk_size, temperature)
+            rewards = [None] * len(chunk)
+            if policy.reward_role is not None:
+                ids, mask = pad_sequences([p + r for p, r in zip(chunk, gen.response_ids, strict=True)], pad)
+                with bank.use(policy.reward_role) as m:
+                    head = bank.head(policy.reward_role)
+                    rewards = sequence_scores(m, head, ids.to(bank.device), mask.to(bank.device)).tolist()
+            for j, response in enumerate(gen.response_ids):
+                text = tokenizer.decode(response, skip_special_tokens=True).strip()
+                rows.append(
+                    {
+                        "policy": policy.label,
+                        "baseline": None if policy.stage == "sft" else _sft_label(policies, policy),
+                        "prompt_index": start + j,
+                        "prompt": texts[start + j],
+                        "response": text,
+                        "length": len(response),
+                        "eos": gen.ended[j],
+                        "reward": rewards[j],
+                        "gold": gold_fn(texts[start + j], text) if gold_fn is not None else None,
+                        "logp": float(logp[j]),
+                        "ref_logp": float(ref[j]),
+                        "kl": float(logp[j] - ref[j]),
+                    }
+                )
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _sft_label(policies: list[Policy], policy: Policy) -> str:
+    return next(p.label for p in policies if p.role == policy.sft_role)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the numbers
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _win_rate(mine: dict[int, float | None], theirs: dict[int, float | None]) -> float | None:
+    """Share of prompts where my sample scores above the baseline's; a tie counts half."""
+    pairs = [(mine[i], theirs[i]) for i in mine if mine[i] is not None and theirs.get(i) is not None]
+    if not pairs:
+        return None
+    return statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
+
+
+def summarize(samples: list[dict]) -> dict[str, dict]:
+    """Per-policy numbers, computed from the sample rows alone (the report is reproducible from samples.jsonl)."""
+    by_policy: dict[str, list[dict]] = {}
+    for row in samples:
+        by_policy.setdefault(row["policy"], []).append(row)
+    out = {}
+    for label, rows in by_policy.items():
+        baseline = rows[0]["baseline"]
+        entry = {
+            "baseline": baseline,
+            "samples": len(rows),
+            "reward": _mean([r["reward"] for r in rows]),
+            "gold": _mean([r["gold"] for r in rows]),
+            "kl": _mean([r["kl"] for r in rows]),
+            "length": _mean([r["length"] for r in rows]),
+            "eos_rate": _mean([float(r["eos"]) for r in rows]),
+            "win_rate_reward": None,
+            "win_rate_gold": None,
+        }
+        if baseline is not None:
+            base_rows = by_policy[baseline]
+            for key in ("reward", "gold"):
+                entry[f"win_rate_{key}"] = _win_rate(
+                    {r["prompt_index"]: r[key] for r in rows}, {r["prompt_index"]: r[key] for r in base_rows}
+                )
+        out[label] = entry
+    return out
+
+
+def training_usage(policy: Policy) -> dict:
+    """Training wall time and peak memory from the manifest: the policy's own stage and its whole chain."""
+    chain = {"sft": ["sft"], "dpo": ["sft", "dpo"], "ppo": ["sft", "rm", "ppo"]}[policy.stage]
+    stages = policy.run.stages
+    own = stages[policy.stage].get("metrics", {})
+    times = [stages[s].get("metrics", {}).get("elapsed_s") for s in chain if s in stages]
+    out: dict = {
+        "train_steps": stages[policy.stage].get("steps"),
+        "train_time_s": own.get("elapsed_s"),
+        "pipeline_time_s": sum(times) if times and None not in times else None,
+    }
+    for key in ("peak_gpu_memory_gb", "peak_rss_gb"):
+        peaks = [stages[s].get("metrics", {}).get(key) for s in chain if s in stages]
+        peaks = [p for p in peaks if p is not None]
+        if peaks:
+            out[key] = max(peaks)
+    return out
+
+
+def training_curves(policy: Policy) -> dict[str, list[tuple[int, float]]]:
+    """Reward and KL over training steps from the stage's metrics.jsonl."""
+    if policy.stage == "sft":
+        return {}
+    rows = read_metrics(policy.run.path / STAGE_DIRS[policy.stage] / "metrics.jsonl")
+    keys = {"ppo": {"reward": "reward_raw", "kl": "kl"}, "dpo": {"margin": "margin", "kl": "sample_kl"}}[policy.stage]
+    return {
+        name: [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+        for name, key in keys.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def _fmt(v, spec: str = "+.3f", suffix: str = "") -> str:
+    return "–" if v is None else f"{v:{spec}}{suffix}"
+
+
+def table_rows(summary: dict, usage: dict) -> list[list[str]]:
+    rows = []
+    for label, s in summary.items():
+        u = usage.get(label, {})
+        mem = u.get("peak_gpu_memory_gb")
+        mem_s = _fmt(mem, ".2f", " GB GPU") if mem is not None else _fmt(u.get("peak_rss_gb"), ".2f", " GB RSS")
+        rows.append(
+            [
+                label,
+                _fmt(s["reward"]),
+                _fmt(s["gold"]),
+                _fmt(s["win_rate_reward"], ".0%"),
+                _fmt(s["win_rate_gold"], ".0%"),
+                _fmt(s["kl"], ".2f"),
+                _fmt(s["length"], ".1f"),
+                _fmt(s["eos_rate"], ".0%"),
+                _fmt(u.get("train_time_s"), ".0f", " s"),
+                mem_s,
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "policy",
+    "reward",
+    "gold",
+    "win vs SFT (RM)",
+    "win vs SFT (gold)",
+    "KL",
+    "length",
+    "EOS",
+    "train time",
+    "peak mem",
+]
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(HEADER), *(line(r) for r in rows)])
+
+
+def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    color = {label: f"C{i % 10}" for i, label in enumerate(summary)}  # one colour per policy in every plot
+    scores = [k for k in ("reward", "gold") if any(s[k] is not None for s in summary.values())] or ["reward"]
+    fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], scores, strict=True):
+        for label, s in summary.items():
+            if s[key] is None or s["kl"] is None:
+                continue
+            ax.scatter(s["kl"], s[key], s=60, color=color[label], marker="s" if s["baseline"] is None else "o")
+            ax.annotate(label, (s["kl"], s[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xlabel("KL to the SFT reference (nats per response)")
+        ax.set_ylabel({"reward": "mean reward-model score", "gold": "mean gold score"}[key])
+        ax.set_title(f"{key} vs KL")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reward_vs_kl.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = [
+        (axes[0], "reward", "RL: mean raw RM reward of each rollout"),
+        (axes[1], "margin", "DPO: implicit reward margin (train)"),
+        (axes[2], "kl", "KL to the reference (RL rollouts; DPO samples at evals)"),
+    ]
+    for ax, key, title in panels:
+        drawn = False
+        for label, c in curves.items():
+            if c.get(key):
+                steps, values = zip(*c[key], strict=True)
+                ax.plot(steps, values, color=color[label], marker="o" if len(steps) < 12 else None, ms=3, label=label)
+                drawn = True
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no such run", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lengths = {label: [r["length"] for r in samples if r["policy"] == label] for label in summary}
+    top = max(max(v) for v in lengths.values())
+    bins = range(0, top + 2)
+    for label, v in lengths.items():
+        ax.hist(v, bins=bins, histtype="step", linewidth=1.5, color=color[label], label=label)
+    ax.set_xlabel("response length (tokens, EOS included)")
+    ax.set_ylabel("samples")
+    ax.set_title("response lengths (same prompts and seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lengths.png", dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(out: Path, report: dict, samples: list[dict], examples: int = 3) -> None:
+    s = report["settings"]
+    rows = table_rows(report["policies"], report["training"])
+    md = [
+        "# PPO vs DPO: compare report",
+        "",
+        f"Runs: {', '.join(f'`{r}`' for r in report['runs'])}. "
+        f"{s['num_prompts']} prompts from `{s['prompts']}`, one sample each per policy, the same seeds "
+        f"(seed {s['seed']}) and sampling settings for every policy: temperature {s['temperature']}, "
+        f"top_p {s['top_p']}, top_k {s['top_k']}, at most {s['max_new_tokens']} new tokens.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "| " + " | ".join("---" for _ in HEADER) + " |",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "- **reward**: mean score of "
+        + (f"the reward model in `{s['reward_from']}`" if s["reward_from"] else "each run's own reward model")
+        + " (raw, before PPO's normalisation); **gold**: the task's gold scorer, where the prompts have one.",
+        "- **win vs SFT**: share of prompts where the policy's sample scores above its run's SFT sample "
+        "(a tie counts half).",
+        "- **KL**: mean over samples of Σ_t log π − log π_SFT over the response tokens (the reference of "
+        "both PPO and DPO is the SFT adapter), at the sampling temperature.",
+        *(
+            [
+                "- With greedy decoding (temperature 0) the KL column is the mean log-ratio of the greedy "
+                "responses, not an estimate of the KL."
+            ]
+            if s["temperature"] == 0
+            else []
+        ),
+        "- **length**: response tokens, EOS included; **EOS**: share of responses that ended with EOS "
+        "rather than at the token limit.",
+        "- **train time**: wall time of the policy's own training stage (SFT and the reward model not "
+        "included; `report.json` has `pipeline_time_s` with them); **peak mem**: the highest peak of the "
+        "stages it depends on (CUDA max allocated on a GPU, the process's peak RSS on CPU).",
+        "",
+        "## Plots",
+        "",
+        "![reward vs KL](reward_vs_kl.png)",
+        "",
+        "![training curves](training.png)",
+        "",
+        "![response lengths](lengths.png)",
+        "",
+        "## Samples",
+        "",
+    ]
+    by_prompt: dict[int, list[dict]] = {}
+    for row in samples:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    for i in sorted(by_prompt)[:examples]:
+        group = by_prompt[i]
+        md += [f"**Prompt:** {group[0]['prompt']}", ""]
+        for row in group:
+            scores = ", ".join(f"{k} {row[k]:+.2f}" for k in ("reward", "gold") if row[k] is not None)
+            md.append(f"- `{row['policy']}` ({scores}): {row['response']!r}")
+        md.append("")
+    atomic_write_text(out / "report.md", "\n".join(md))
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry points
+
+
+def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: str | Path) -> dict:
+    """Sample, score and report; returns the report (also written to `out/report.json`)."""
+    runs = [open_run(p) for p in run_dirs]
+    paths = [r.path.resolve() for r in runs]
+    if len(set(paths)) != len(paths):
+        raise UserError("the same run folder is listed twice")
+    reward_from = open_run(cc.reward_from) if cc.reward_from else None
+    policies, dirs = build_policies(runs, reward_from)
+    first = runs[0].cfg
+    source = cc.prompts or first.ppo.eval_dataset
+    if source is None:
+        raise UserError(
+            "compare needs held-out prompts: pass --prompts FILE (or set compare.prompts, or ppo.eval_dataset)"
+        )
+    split = cc.split if cc.prompts else first.ppo.eval_split
+    rows, name = load_rows(source, split)
+    if cc.num_prompts:
+        rows = rows[: cc.num_prompts]
+    if not rows:
+        raise UserError(f"{name}: no prompts")
+
+    model, tokenizer = load_base(first.model)
+    prompts, texts, cut = tokenize_prompts(rows, tokenizer, cc.max_prompt_length, name)
+    if cut:
+        logger.warning("%s: %d prompts were longer than max_prompt_length and were cut from the left", name, cut)
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    for role, folder in dirs.items():
+        bank.add_role(role, from_dir=folder, head=role.endswith("_reward"))
+    bank.disable_dropout()
+    sampling = SamplingConfig(cc.max_new_tokens, cc.temperature, cc.top_p, cc.top_k)
+    logger.info(
+        "compare: %d policies x %d prompts (%s)", len(policies), len(prompts), ", ".join(p.label for p in policies)
+    )
+    samples = collect_samples(
+        bank,
+        tokenizer,
+        policies,
+        prompts,
+        texts,
+        sampling,
+        seed,
+        cc.batch_size,
+        first.model.logprob_chunk_size,
+        tiny_gold_fn(texts),
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    summary = summarize(samples)
+    report = {
+        "runs": [str(r.path) for r in runs],
+        "settings": {
+            "prompts": source,
+            "num_prompts": len(prompts),
+            "seed": seed,
+            "max_new_tokens": cc.max_new_tokens,
+            "temperature": cc.temperature,
+            "top_p": cc.top_p,
+            "top_k": cc.top_k,
+            "reward_from": cc.reward_from,
+        },
+        "order": list(summary),  # the policies in sampling order (each run's SFT first)
+        "policies": summary,
+        "training": {p.label: training_usage(p) for p in policies},
+        "stages": {p.label: {"run": str(p.run.path), "stage": p.stage, "method": p.method} for p in policies},
+    }
+    atomic_write_json(out / "report.json", report)
+    write_plots(out, summary, {p.label: training_curves(p) for p in policies}, samples)
+    write_markdown(out, report, samples)
+    print(format_table(table_rows(summary, report["training"])))
+    print(f"report: {out / 'report.md'} (plots: {', '.join(str(out / p) for p in PLOTS)})")
+    return report
+
+
+def run(cfg: RecipeConfig, force: bool = False) -> Path:
+    """The pipeline's compare stage: this run's policies (and `compare.runs`) -> `output_dir/compare/`."""
+    stage_dir, manifest, done = begin_stage(cfg, "compare", force)
+    if done:
+        return stage_dir
+    report = compare_runs([cfg.output_dir, *cfg.compare.runs], cfg.compare, cfg.seed, stage_dir)
+    manifest.mark_finished(
+        "compare",
+        {
+            "path": STAGE_DIRS["compare"],
+            "policies": report["policies"],
+            "settings": fingerprint(stage_settings(cfg, "compare")),
+        },
+    )
+    return stage_dir
