@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 from lowmem_rlhf import __version__
 from lowmem_rlhf.errors import UserError
@@ -106,8 +105,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+    from lowmem_rlhf.stages.common import read_run
 
-    run_dir, cfg = _load_run(args.run_dir)
+    run_dir, cfg = read_run(args.run_dir)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         rows, name = load_rows(args.prompts_file)
@@ -133,26 +133,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str):
-    """(run_dir, resolved config) of a finished or running pipeline folder."""
-    from lowmem_rlhf.config import config_from_dict, read_recipe
-
-    run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a run")
-    return run, config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
-
-
 def cmd_score(args: argparse.Namespace) -> int:
     from lowmem_rlhf.data.formats import load_rows
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.model.scoring import score_texts
+    from lowmem_rlhf.stages.common import read_run
     from lowmem_rlhf.stages.rm import ROLE, STATS_FILE
     from lowmem_rlhf.train.io import atomic_write_text
 
-    run, cfg = _load_run(args.run_dir)
+    run, cfg = read_run(args.run_dir)
     reward_dir = run / "reward"
     rows, name = load_rows(args.input)
     for i, row in enumerate(rows, start=1):

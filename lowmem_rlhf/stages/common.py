@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_rlhf.config import RecipeConfig, config_to_dict, dump_yaml
+from lowmem_rlhf.config import RecipeConfig, config_from_dict, config_to_dict, dump_yaml, read_recipe
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
 from lowmem_rlhf.train.loop import fingerprint
@@ -53,6 +53,15 @@ class Manifest:
     def forget(self, stage: str) -> None:
         if self.data["stages"].pop(stage, None) is not None:
             atomic_write_json(self.path, self.data)
+
+
+def read_run(run_dir: str | Path) -> tuple[Path, RecipeConfig]:
+    """(run_dir, resolved config) of a finished or running pipeline folder."""
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a run")
+    return run, config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
 
 
 def finished_stage_dir(cfg: RecipeConfig, stage: str, needed_by: str) -> tuple[Path, dict]:

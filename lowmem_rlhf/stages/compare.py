@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_rlhf.config import CompareConfig, RecipeConfig, config_from_dict, read_recipe
+from lowmem_rlhf.config import CompareConfig, RecipeConfig
 from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.prompts import tokenize_prompts
@@ -35,7 +35,7 @@ from lowmem_rlhf.model.forward import response_logprob_sums
 from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-from lowmem_rlhf.stages.common import STAGE_DIRS, Manifest, begin_stage, stage_settings
+from lowmem_rlhf.stages.common import STAGE_DIRS, Manifest, begin_stage, read_run, stage_settings
 from lowmem_rlhf.stages.ppo import tiny_gold_fn
 from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
 from lowmem_rlhf.train.loop import fingerprint
@@ -74,11 +74,7 @@ class Policy:
 
 def open_run(path: str | Path) -> Run:
     """A run folder with its resolved config and finished stages; a clear error for anything else."""
-    run = Path(path)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a run")
-    cfg = config_from_dict(read_recipe(cfg_path), where=str(cfg_path))
+    run, cfg = read_run(path)
     stages = Manifest(run).data["stages"]
     if "sft" not in stages:
         raise UserError(f"{run}: compare needs the run's finished sft stage (its policies' reference and baseline)")
@@ -161,6 +157,7 @@ def collect_samples(
     batches = range(0, len(prompts), batch_size)
     bar = tqdm(total=len(policies) * len(batches), desc="compare", unit="batch", disable=None)
     for policy in policies:
+        baseline = None if policy.stage == "sft" else next(p.label for p in policies if p.role == policy.sft_role)
         for start in batches:
             chunk = prompts[start : start + batch_size]
             gen = generate(bank, policy.role, chunk, sampling, eos, pad, seed + start)
@@ -182,7 +179,7 @@ def collect_samples(
                 rows.append(
                     {
                         "policy": policy.label,
-                        "baseline": None if policy.stage == "sft" else _sft_label(policies, policy),
+                        "baseline": baseline,
                         "prompt_index": start + j,
                         "prompt": texts[start + j],
                         "response": text,
@@ -198,10 +195,6 @@ def collect_samples(
             bar.update(1)
     bar.close()
     return rows
-
-
-def _sft_label(policies: list[Policy], policy: Policy) -> str:
-    return next(p.label for p in policies if p.role == policy.sft_role)
 
 
 # ----------------------------------------------------------------------------------------------------
