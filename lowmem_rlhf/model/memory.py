@@ -22,6 +22,7 @@ prediction is the peak of a run whose batches are full; shorter data peaks lower
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 from lowmem_rlhf.config import RecipeConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.shapes import HUB_ALIASES, SHAPES
+
+logger = logging.getLogger(__name__)
 
 GiB = 2**30
 CUDA_CONTEXT = 0.5 * GiB  # CUDA context + cuBLAS workspace: outside PyTorch's allocator
@@ -242,12 +245,18 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
     chunk = mc.logprob_chunk_size
     dropout = lc.dropout > 0
 
-    def train_terms(trainable: int, n_heads_trainable: int, opt: str, seqs: int, seq_len: int, logits: bool):
+    def state_terms(trainable: int, n_heads_trainable: int, opt: str) -> list[tuple[str, int]]:
+        """Gradients and optimizer state of the trainable adapters and heads: alive for the whole stage."""
         tensors = adapter * trainable + [shape.hidden + 1] * n_heads_trainable
-        tokens = seqs * seq_len
-        terms = [
+        return [
             ("gradients of trainable LoRA/head (fp32)", 4 * sum(tensors)),
             (f"optimizer state ({optimizer_name(opt)})", optimizer_bytes(tensors, optimizer_name(opt))),
+        ]
+
+    def activation_terms(seqs: int, seq_len: int, logits: bool) -> list[tuple[str, int]]:
+        """What one forward/backward of `seqs` x `seq_len` tokens holds at its peak."""
+        tokens = seqs * seq_len
+        terms = [
             ("activations: checkpointed layer inputs", L * tokens * d * cb),
             (
                 "activations: one layer recomputed in backward (x2 with its grads)",
@@ -264,19 +273,20 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
         sc = cfg.sft
         b, s = batch or sc.batch_size, length or sc.max_length
         items = base + [("LoRA adapters (fp32): policy", 4 * sum(adapter))]
-        items += train_terms(1, 0, sc.optimizer, b, s, logits=True)
+        items += state_terms(1, 0, sc.optimizer) + activation_terms(b, s, logits=True)
         return StageEstimate(stage, items, "sft.batch_size", b, "sft.max_length", s)
     if stage == "rm":
         rc = cfg.rm
         b, s = batch or rc.batch_size, length or rc.max_length
         items = base + [("LoRA adapters (fp32): reward", 4 * sum(adapter)), ("score head", head)]
-        items += train_terms(1, 1, rc.optimizer, 2 * b, s, logits=False)  # chosen and rejected in one pass
+        # chosen and rejected in one pass
+        items += state_terms(1, 1, rc.optimizer) + activation_terms(2 * b, s, logits=False)
         return StageEstimate(stage, items, "rm.batch_size", b, "rm.max_length", s)
     if stage == "dpo":
         dc = cfg.dpo
         b, s = batch or dc.batch_size, length or dc.max_length
         items = base + [("LoRA adapters (fp32): policy, reference", 2 * 4 * sum(adapter))]
-        items += train_terms(1, 0, dc.optimizer, 2 * b, s, logits=True)
+        items += state_terms(1, 0, dc.optimizer) + activation_terms(2 * b, s, logits=True)
         return StageEstimate(stage, items, "dpo.batch_size", b, "dpo.max_length", s)
     if stage == "ppo":
         pc = cfg.ppo
@@ -301,14 +311,10 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
             ),
         ]
         buffers = ("rollout buffers (ids, log-probs, values, advantages)", n_rollout * s * (8 + 4 * 6))
-        train = train_terms(1 + critic, int(pc.advantage == "gae"), pc.optimizer, mb, s, logits=True)
-        fixed = [t for t in train if t[0].startswith(("gradients", "optimizer"))]
-        phase_train = [t for t in train if t not in fixed]
+        update = activation_terms(mb, s, logits=True)
         # the rollout's KV cache is freed before the update: the peak is the larger of the two phases
-        if sum(b for _, b in rollout) > sum(b for _, b in phase_train):
-            items += fixed + rollout
-        else:
-            items += fixed + phase_train
+        phase = rollout if sum(b for _, b in rollout) > sum(b for _, b in update) else update
+        items += state_terms(1 + critic, int(pc.advantage == "gae"), pc.optimizer) + phase
         items.append(buffers)
         return StageEstimate(stage, items, "ppo.micro_batch_size", mb, "ppo.max_new_tokens", new)
     raise ValueError(f"no memory model for stage {stage!r}")
@@ -356,24 +362,21 @@ def estimate_recipe(cfg: RecipeConfig, stages: list[str], shape_name: str | None
 
 def check_fits(cfg: RecipeConfig, stage: str, device) -> None:
     """Before a stage loads the model on a GPU: warn when the estimate says the run will not fit."""
-    import logging
-
     import torch
 
     if device.type != "cuda":
         return
-    log = logging.getLogger(__name__)
     try:
         shape, _ = resolve_shape(cfg.model.name_or_path)
     except UserError:
-        log.debug("memory check skipped: no config.json for %s yet", cfg.model.name_or_path)
+        logger.debug("memory check skipped: no config.json for %s yet", cfg.model.name_or_path)
         return
     e = estimate_stage(cfg, shape, stage)
     _, total = torch.cuda.mem_get_info(device)
     if e.device_total > total:
         fit = largest_fitting(cfg, shape, stage, total, "batch")
         hint = f"largest {e.batch_key} that fits: {fit}" if fit else f"even {e.batch_key}=1 does not fit"
-        log.warning(
+        logger.warning(
             "%s: predicted peak %s (allocated %s + slack + CUDA context) exceeds this GPU's %s; %s "
             "(see `lowmem-rlhf estimate`). Trying anyway.",
             stage,
