@@ -28,7 +28,16 @@ from unittest import mock
 import torch
 
 import lowmem_rlhf.train.ppo as ppo_trainer_module
-from benchmarks.sft_bench import GIB, RESULTS_DIR, _changed, _positive, _quantized_weights, _sync, slug
+from benchmarks.sft_bench import (
+    GIB,
+    RESULTS_DIR,
+    _changed,
+    _positive,
+    _quantized_weights,
+    _sync,
+    add_common_args,
+    slug,
+)
 from benchmarks.shapes import SHAPES, SPECIAL_TOKENS, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig
 from lowmem_rlhf.data.preference import pad_sequences
@@ -90,12 +99,6 @@ CUDA_NOTE = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ppo_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--shape",
-        choices=sorted(SHAPES),
-        default="llama-3.1-8b",
-        help="Model architecture, with random weights (see benchmarks/shapes.py).",
-    )
     p.add_argument("--prompts", type=_positive, default=16, help="Prompts per PPO iteration (rollout_batch_size).")
     p.add_argument("--prompt-len", type=_positive, default=256, help="Tokens per prompt (random ids, no padding).")
     p.add_argument("--new-tokens", type=_positive, default=256, help="Longest response generated (max_new_tokens).")
@@ -112,7 +115,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="Untimed PPO iterations before the timed ones (allocator and kernel warm-up; still in the peak).",
     )
-    p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank on every linear layer; alpha is 2r.")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -120,33 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shared: all roles on one base; separate: four bases, one per role; both: shared, then separate, "
         "and their memory ratio.",
     )
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (cpu is a smoke test only).")
-    p.add_argument(
-        "--attn",
-        choices=["sdpa", "eager", "flash_attention_2"],
-        default="sdpa",
-        help="Attention kernel (model.attn_implementation).",
-    )
-    p.add_argument(
-        "--chunk-size",
-        type=_positive,
-        default=256,
-        help="Positions per chunk of the log-prob computation (model.logprob_chunk_size).",
-    )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the adapters, the prompts and the sampling.")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="Where random-weight checkpoints are built and reused "
-        "(default: bench/ under $LOWMEM_RLHF_CACHE, else ~/.cache/lowmem_rlhf).",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="Output JSON path (default: benchmarks/results/ppo_<shape>_<device>.json).",
-    )
+    add_common_args(p, "ppo", "Seed of the adapters, the prompts and the sampling.")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error("--warmup must be 0 or more")

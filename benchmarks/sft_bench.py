@@ -59,25 +59,15 @@ def _positive(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sft_bench", description=__doc__.split("\n\n")[0])
+def add_common_args(p: argparse.ArgumentParser, name: str, seed_help: str) -> None:
+    """The options every benchmark shares: shape, LoRA rank, device, attention, chunk, seed, cache, output."""
     p.add_argument(
         "--shape",
         choices=sorted(SHAPES),
         default="llama-3.1-8b",
         help="Model architecture, with random weights (see benchmarks/shapes.py).",
     )
-    p.add_argument("--batch", type=_positive, default=2, help="Sequences per optimizer step.")
-    p.add_argument("--seq", type=_positive, default=2048, help="Tokens per sequence; the second half is the response.")
-    p.add_argument("--steps", type=_positive, default=5, help="Timed optimizer steps.")
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="Untimed optimizer steps before the timed ones (allocator and kernel warm-up).",
-    )
     p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank on every linear layer; alpha is 2r.")
-    p.add_argument("--lr", type=float, default=2e-4, help="Learning rate (constant).")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (cpu is a smoke test only).")
     p.add_argument(
         "--attn",
@@ -89,9 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--chunk-size",
         type=_positive,
         default=ModelConfig.logprob_chunk_size,
-        help="Positions per chunk of the log-prob computation (model.logprob_chunk_size).",
+        help="Tokens (over the batch) per chunk of the log-prob computation (model.logprob_chunk_size).",
     )
-    p.add_argument("--seed", type=int, default=0, help="Seed of LoRA init and of the random token ids.")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -103,8 +93,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="Output JSON path (default: benchmarks/results/sft_<shape>_<device>.json).",
+        help=f"Output JSON path (default: benchmarks/results/{name}_<shape>_<device>.json).",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sft_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=_positive, default=2, help="Sequences per optimizer step.")
+    p.add_argument("--seq", type=_positive, default=2048, help="Tokens per sequence; the second half is the response.")
+    p.add_argument("--steps", type=_positive, default=5, help="Timed optimizer steps.")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="Untimed optimizer steps before the timed ones (allocator and kernel warm-up).",
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="Learning rate (constant).")
+    add_common_args(p, "sft", "Seed of LoRA init and of the random token ids.")
     args = p.parse_args(argv)
     if args.seq < 2:
         p.error("--seq must be at least 2 (one prompt and one response token)")

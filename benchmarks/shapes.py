@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lowmem_rlhf.model.memory import Shape, unquantized_bytes
 from lowmem_rlhf.model.shapes import SHAPES
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -31,18 +32,13 @@ def build_config(shape: str, **overrides: Any):
 
 
 def param_count(config) -> int:
-    """Parameters of a Llama/Qwen2-style causal LM, from the config alone (nothing is allocated)."""
-    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-    attention = d * (q_out + 2 * kv_out) + q_out * d + (q_out + 2 * kv_out) * qkv_bias
-    mlp = 3 * d * config.intermediate_size + (2 * config.intermediate_size + d) * getattr(config, "mlp_bias", False)
-    if getattr(config, "attention_bias", False):
-        attention += d  # o_proj bias
-    per_layer = attention + mlp + 2 * d  # two RMSNorms
-    embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
-    return layers * per_layer + d + embeddings  # + final norm
+    """Parameters of a Llama/Qwen2-style causal LM, from the config alone (nothing is allocated).
+
+    The same shape arithmetic as `lowmem-rlhf estimate`: linear weights, plus embeddings, norms and
+    biases (their byte count at one byte per element).
+    """
+    shape = Shape.from_config(config.to_dict())
+    return shape.layers * sum(fin * fout for _, fin, fout, _ in shape.linears()) + unquantized_bytes(shape, 1)
 
 
 def build_tokenizer(vocab_size: int):
