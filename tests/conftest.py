@@ -54,6 +54,37 @@ def tiny_recipe(output_dir: Path, **sft) -> dict:
     }
 
 
+def tiny_rl_recipe(out, **ppo_keys) -> dict:
+    """tiny_recipe plus small rm and ppo sections (SFT -> RM -> PPO); keyword args override `ppo` keys."""
+    data = tiny_recipe(out, max_steps=6, save_steps=0)
+    data["stages"] = ["sft", "rm", "ppo"]
+    data["rm"] = {
+        "dataset": "builtin:tiny/rankings.jsonl",
+        "max_samples": 64,
+        "max_steps": 4,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 3e-3,
+        "save_steps": 0,
+        "max_length": 96,
+        "stats_samples": 32,
+    }
+    data["ppo"] = {
+        "dataset": "builtin:tiny/prompts.jsonl",
+        "num_steps": 3,
+        "rollout_batch_size": 8,
+        "mini_batch_size": 4,
+        "micro_batch_size": 2,
+        "ppo_epochs": 2,
+        "learning_rate": 1e-3,
+        "max_new_tokens": 12,
+        "save_steps": 0,
+        "group_size": 2,
+        **ppo_keys,
+    }
+    return data
+
+
 @pytest.fixture
 def make_cfg(tmp_path, tiny_path):
     def make(name: str = "run", **sft):

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import base_fingerprint, fail_at, tiny_recipe
+from conftest import base_fingerprint, fail_at, tiny_rl_recipe
 from safetensors.torch import load_file
 
 from lowmem_rlhf.config import ModelConfig, config_from_dict
@@ -18,35 +18,7 @@ from lowmem_rlhf.stages import ppo, rm, sft
 from lowmem_rlhf.train.metrics import read_metrics
 from lowmem_rlhf.train.ppo import PPOTrainer
 
-
-def recipe(out, **ppo_keys) -> dict:
-    data = tiny_recipe(out, max_steps=6, save_steps=0)
-    data["stages"] = ["sft", "rm", "ppo"]
-    data["rm"] = {
-        "dataset": "builtin:tiny/rankings.jsonl",
-        "max_samples": 64,
-        "max_steps": 4,
-        "batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 3e-3,
-        "save_steps": 0,
-        "max_length": 96,
-        "stats_samples": 32,
-    }
-    data["ppo"] = {
-        "dataset": "builtin:tiny/prompts.jsonl",
-        "num_steps": 3,
-        "rollout_batch_size": 8,
-        "mini_batch_size": 4,
-        "micro_batch_size": 2,
-        "ppo_epochs": 2,
-        "learning_rate": 1e-3,
-        "max_new_tokens": 12,
-        "save_steps": 0,
-        "group_size": 2,
-        **ppo_keys,
-    }
-    return data
+recipe = tiny_rl_recipe
 
 
 @pytest.fixture(scope="module")
