@@ -218,6 +218,19 @@ class PPOConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
     max_new_tokens: int = _f(64, "Longest response generated.")
+    generation_batch_size: int = _f(
+        0,
+        "Sequences per generate call in a rollout; 0 = the whole rollout at once. Smaller bounds the KV cache, "
+        "larger decodes faster.",
+    )
+    generation_cache: Literal["dynamic", "static"] = _f(
+        "dynamic",
+        "Rollout KV cache: dynamic grows per token; static preallocates max_prompt_length + max_new_tokens "
+        "positions per sequence, so every call has the same shapes (needed by compile_generation).",
+    )
+    compile_generation: bool = _f(
+        False, "torch.compile the rollout's decode step (needs generation_cache: static); the first rollout compiles."
+    )
     temperature: float = _f(1.0, "Sampling temperature, also used for every log-prob of the policy (pitfall 6).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling; 0 = off.")
@@ -259,6 +272,14 @@ class PPOConfig:
                 raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
         if self.temperature <= 0:
             raise UserError(f"`temperature` must be positive for RL sampling, got {self.temperature}")
+        if self.generation_batch_size < 0:
+            raise UserError(
+                f"`generation_batch_size` must be 0 (the whole rollout) or positive, got {self.generation_batch_size}"
+            )
+        if self.compile_generation and self.generation_cache != "static":
+            raise UserError(
+                "`compile_generation: true` needs `generation_cache: static` (compiled steps need fixed shapes)"
+            )
         if self.advantage in ("grpo", "rloo") and self.group_size < 2:
             raise UserError(f"`group_size` must be at least 2 for advantage={self.advantage}, got {self.group_size}")
         if self.mini_batch_size % self.micro_batch_size:

@@ -13,7 +13,7 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.ops import gae_advantages, kl_penalty, masked_whiten, per_token_rewards
-from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
 from lowmem_rlhf.stages import ppo, rm, sft
 from lowmem_rlhf.train.metrics import read_metrics
 from lowmem_rlhf.train.ppo import PPOTrainer
@@ -127,13 +127,30 @@ def test_greedy_generation_batched_equals_unbatched(base_run):
     batched = generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id).response_ids
     alone = [generate(bank, "policy", [p], greedy, tok.eos_token_id, tok.pad_token_id).response_ids[0] for p in prompts]
     assert batched == alone
+    assert any(len(r) > 2 for r in alone)  # real responses, not an immediate EOS
+
+    # how the rows are decoded never changes greedy tokens: calls of 3 rows (sorted by length, a short last
+    # call), a static cache wider than every prompt, and the compiled decode step (its short call is filled up)
+    width = max(len(p) for p in prompts) + 5 + greedy.max_new_tokens
+    for decode in (
+        DecodeConfig(batch_size=3),
+        DecodeConfig(cache="static", max_cache_len=width),
+        DecodeConfig(batch_size=3, cache="static", max_cache_len=width, compile=True),
+    ):
+        got = generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id, decode=decode)
+        assert got.response_ids == alone, decode
+    assert "_valid_auto_compile_criteria" not in vars(bank.peft_model.get_base_model())  # the opt-in is undone
+    narrow = DecodeConfig(cache="static", max_cache_len=20)
+    with pytest.raises(ValueError, match="does not fit a static cache of 20 positions"):
+        generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id, decode=narrow)
 
 
 @pytest.mark.parametrize(
     ("keys", "value_role"),
     [
         ({"advantage": "grpo"}, None),
-        ({"advantage": "rloo"}, None),
+        # rollouts in calls of 4 sequences on a static cache
+        ({"advantage": "rloo", "generation_batch_size": 4, "generation_cache": "static"}, None),
         ({"advantage": "remax"}, None),
         ({"advantage": "gae", "critic": "shared", "ptx_coef": 0.5}, "policy"),
     ],
@@ -175,6 +192,11 @@ def test_ppo_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatc
 def test_ppo_needs_finished_sft_and_rm(tmp_path, tiny_path):
     with pytest.raises(UserError, match="needs the finished sft stage"):
         ppo.run(config_from_dict(recipe(tmp_path / "empty")))
+
+
+def test_compiled_generation_needs_static_cache(tmp_path):
+    with pytest.raises(UserError, match="`ppo.compile_generation: true` needs `generation_cache: static`"):
+        config_from_dict(recipe(tmp_path, compile_generation=True))
 
 
 def test_group_estimators_need_groups(tmp_path):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def pad_sequences(rows: list[list[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token rows; masks come from lengths, so pad == eos is safe."""
-    width = max(len(r) for r in rows)
+def pad_sequences(
+    rows: list[list[int]], pad_id: int, padding_side: str = "right", width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows, `width` columns at least; masks come from lengths (pad == eos ok)."""
+    width = max(width or 0, *(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):

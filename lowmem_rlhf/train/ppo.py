@@ -50,7 +50,7 @@ from lowmem_rlhf.ops import (
     rloo_advantages,
 )
 from lowmem_rlhf.ops.preference import pearson
-from lowmem_rlhf.rollout.generate import SamplingConfig, generate
+from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
 from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.loop import build_optimizer, build_scheduler, fingerprint, interrupted
 from lowmem_rlhf.train.losses import sft_loss_sum
@@ -165,6 +165,12 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(pc.kl_coef, pc.target_kl if pc.adaptive_kl else None, pc.kl_horizon)
         self.ckpt = Checkpointer(self.stage_dir / "checkpoints", pc.save_total_limit, fingerprint(settings), "ppo")
         self.sampling = SamplingConfig(pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k)
+        self.decode = DecodeConfig(
+            batch_size=pc.generation_batch_size,
+            cache=pc.generation_cache,
+            max_cache_len=pc.max_prompt_length + pc.max_new_tokens if pc.generation_cache == "static" else None,
+            compile=pc.compile_generation,
+        )
         self.last_rollout: Rollout | None = None
 
     # ------------------------------------------------------------------ 1-5: experience
@@ -224,7 +230,8 @@ class PPOTrainer:
         index = [i for i in self.prompt_indices(step) for _ in range(self.samples_per_prompt)]
         prompts = [self.prompts[i] for i in index]
         # 1. generate trajectories (eval mode, KV cache, stop at EOS)
-        gen = generate(self.bank, "policy", prompts, self.sampling, self.tok.eos_token_id, self.tok.pad_token_id)
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        gen = generate(self.bank, "policy", prompts, self.sampling, eos, pad, decode=self.decode)
         ids, mask, rmask, p = self._batch(prompts, gen.response_ids)
         ended = torch.tensor(gen.ended, device=ids.device)
         # 2. rewards from the reward role at the last real token
@@ -260,6 +267,7 @@ class PPOTrainer:
                     SamplingConfig(pc.max_new_tokens, 0.0),
                     self.tok.eos_token_id,
                     self.tok.pad_token_id,
+                    decode=self.decode,
                 )
                 g_ids, g_mask, g_rmask, _ = self._batch(prompts, greedy.response_ids)
                 g_scores = self._scores(
