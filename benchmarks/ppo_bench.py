@@ -81,6 +81,7 @@ DESIGN_SETTINGS = {
     "new_tokens": 256,
     "micro_batch": 4,
     "lora_r": 16,
+    "advantage": "gae",
 }
 PEAK_MAX_GB = 9.5
 MEMORY_RATIO_MAX = 0.4
@@ -122,10 +123,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shared: all roles on one base; separate: four bases, one per role; both: shared, then separate, "
         "and their memory ratio.",
     )
+    p.add_argument(
+        "--advantage",
+        choices=("gae", "grpo", "rloo", "remax"),
+        default="gae",
+        help="gae: PPO with the value role; grpo / rloo / remax: critic-free (no value role, --group-size samples "
+        "per prompt for grpo and rloo).",
+    )
+    p.add_argument("--group-size", type=_positive, default=4, help="Samples per prompt for grpo and rloo.")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient beta.")
+    p.add_argument(
+        "--generation-batch-size",
+        type=int,
+        default=0,
+        help="Sequences per generate call (ppo.generation_batch_size); 0 = the whole rollout at once.",
+    )
+    p.add_argument(
+        "--generation-cache",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="Rollout KV cache (ppo.generation_cache).",
+    )
+    p.add_argument(
+        "--compile-generation",
+        action="store_true",
+        help="torch.compile the decode step (ppo.compile_generation; needs --generation-cache static). The warm-up "
+        "iterations absorb the compilation.",
+    )
     add_common_args(p, "ppo", "Seed of the adapters, the prompts and the sampling.")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error("--warmup must be 0 or more")
+    if args.generation_batch_size < 0:
+        p.error("--generation-batch-size must be 0 or more")
+    if args.compile_generation and args.generation_cache != "static":
+        p.error("--compile-generation needs --generation-cache static")
+    if args.advantage != "gae" and args.mode != "shared":
+        p.error("the separate baseline is the four-model PPO (--advantage gae); use --mode shared for the others")
+    if args.advantage in ("grpo", "rloo") and args.group_size < 2:
+        p.error(f"--advantage {args.advantage} needs --group-size 2 or more")
     return args
 
 
@@ -161,7 +197,12 @@ def ppo_config(args: argparse.Namespace) -> PPOConfig:
         ppo_epochs=1,
         max_new_tokens=args.new_tokens,
         max_prompt_length=args.prompt_len,
-        advantage="gae",
+        generation_batch_size=args.generation_batch_size,
+        generation_cache=args.generation_cache,
+        compile_generation=args.compile_generation,
+        advantage=args.advantage,
+        group_size=args.group_size,
+        kl_coef=args.kl_coef,
         critic="separate",
         normalize_reward=False,
         num_steps=args.warmup + args.steps,
@@ -391,9 +432,10 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
     decode_tokens_per_s = mean("generated_tokens") / mean("generation_s")
     # Mid-generation: the KV cache holds the prompt and half of the new tokens.
     context = len(s.prompts[0]) + s.pc.max_new_tokens // 2
-    read = decode_step_bytes(bank, "policy", len(s.prompts), context, s.dtype)
+    rows = min(s.pc.generation_batch_size or trainer.rollout_size, trainer.rollout_size)  # rows per generate call
+    read = decode_step_bytes(bank, "policy", rows, context, s.dtype)
     # Each decode step reads `read["total"]` bytes and makes one token per row.
-    floor = None if s.bandwidth is None else s.bandwidth / read["total"] * len(s.prompts)
+    floor = None if s.bandwidth is None else s.bandwidth / read["total"] * rows
     measurements = {
         **meter.report(),
         "model_loaded_allocated_gib": model_loaded_gib,
@@ -409,6 +451,7 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
         "s_per_ppo_step": mean("rollout_s") + mean("update_s"),
         "decode_bytes_per_step": read,
         "decode_context_tokens": context,
+        "decode_rows_per_call": rows,
         "bandwidth_floor_tokens_per_s": floor,
         "decode_fraction_of_floor": None if floor is None else decode_tokens_per_s / floor,
         "steps": steps,
@@ -634,6 +677,11 @@ def run(args: argparse.Namespace) -> dict:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "micro_batch": args.micro_batch,
+            "advantage": args.advantage,
+            "group_size": args.group_size if args.advantage in ("grpo", "rloo") else 1,
+            "generation_batch_size": args.generation_batch_size,
+            "generation_cache": args.generation_cache,
+            "compile_generation": args.compile_generation,
             "steps": args.steps,
             "warmup": args.warmup,
             "lora_r": setup.lora.r,
@@ -669,8 +717,9 @@ def summary(result: dict, path: Path) -> str:
         return "n/a" if x is None else f"{x:.2f} GiB"
 
     lines = [
-        f"{result['benchmark']} {result['shape']} on {result['device']}: {s['prompts']} x ({s['prompt_len']} + "
-        f"{s['new_tokens']}) tokens, micro-batch {s['micro_batch']}, LoRA r={s['lora_r']}, mode {s['mode']}"
+        f"{result['benchmark']} {result['shape']} on {result['device']}: {s['advantage']}, {s['prompts']} prompts x "
+        f"{s['group_size']} x ({s['prompt_len']} + {s['new_tokens']}) tokens, micro-batch {s['micro_batch']}, "
+        f"LoRA r={s['lora_r']}, mode {s['mode']}"
     ]
     if "shared" in m:
         sh = m["shared"]
@@ -699,7 +748,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print a summary."""
     args = parse_args(argv)
     result = run(args)
-    path = args.out or RESULTS_DIR / f"ppo_{args.shape}_{slug(result['device'])}.json"
+    method = "ppo" if args.advantage == "gae" else args.advantage
+    path = args.out or RESULTS_DIR / f"{method}_{args.shape}_{slug(result['device'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result, path))

@@ -128,6 +128,12 @@ def test_qwen2_5_0_5b_by_hand():
     big_items = dict(big.items)
     assert big_items["rollout: KV cache"] == 256 * 256 * 2 * 24 * 128 * 2
     assert "log-probs: one chunk of logits" not in big_items
+    # generating 32 sequences per call bounds the cache at 32 rows, and the update phase is the peak again
+    chunked_cfg = replace(c, ppo=replace(c.ppo, rollout_batch_size=256, generation_batch_size=32))
+    chunked = dict(estimate_stage(chunked_cfg, shape, "ppo").items)
+    assert "rollout: KV cache" not in chunked
+    assert chunked["log-probs: one chunk of logits"] == items["log-probs: one chunk of logits"]
+    assert 32 * 256 * 2 * 24 * 128 * 2 < 512 * 151_936 * 10  # the 32-row cache is below the update's chunk
     assert e.batch == 2 and e.length == 128
 
 

@@ -158,3 +158,38 @@ def test_targets_follow_the_design():
     assert other["peak_allocated"]["applies"] is False and other["peak_allocated"]["met"] is None
     cpu = ppo_bench.target_records(args, {"shared": {}, "memory_ratio": None})
     assert [t["met"] for t in cpu.values()] == [None, None, None]
+
+
+def test_cpu_smoke_run_grpo_with_static_cache(tmp_path):
+    """GRPO through the same benchmark: 2 prompts x 3 samples, generated 4 rows per call on a static cache."""
+    args = ["--shape", "tiny", "--advantage", "grpo", "--group-size", "3", "--prompts", "2", "--prompt-len", "8"]
+    args += ["--new-tokens", "8", "--micro-batch", "3", "--steps", "1", "--warmup", "0", "--mode", "shared"]
+    args += ["--generation-batch-size", "4", "--generation-cache", "static", "--device", "cpu"]
+    result = ppo_bench.main([*args, "--cache-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "grpo.json")])
+
+    assert result["settings"]["advantage"] == "grpo" and result["settings"]["ppo"]["generation_cache"] == "static"
+    shared = result["measurements"]["shared"]
+    assert 0 < shared["generated_tokens"] <= 2 * 3 * 8
+    assert shared["decode_rows_per_call"] == 4
+    # the KV cache read per decode step counts the 4 rows of one generate call, not the 6 of the rollout
+    spec = SHAPES["tiny"]
+    head_dim = spec["hidden_size"] // spec["num_attention_heads"]
+    kv_row = 2 * spec["num_hidden_layers"] * spec["num_key_value_heads"] * head_dim * 4 * (8 + 4)
+    assert shared["decode_bytes_per_step"]["kv_cache"] == 4 * kv_row
+    # no value role: only the policy trains, and the group's advantages sum to zero, so the loss is finite
+    assert set(result["checks"]["trained_roles_changed"]) == {"policy"}
+    assert result["checks"]["trained_roles_changed"]["policy"]["changed"] > 0
+    assert result["checks"]["base_weights_unchanged"] is True
+    assert all(math.isfinite(v) for v in shared["steps"][0]["metrics"].values())
+    assert "LoRA adapters (fp32): policy, reference, reward" in result["estimate"]["breakdown_gib"]
+
+
+def test_bad_benchmark_options_are_refused(capsys):
+    for argv, message in (
+        (["--compile-generation"], "--compile-generation needs --generation-cache static"),
+        (["--advantage", "grpo", "--group-size", "1", "--mode", "shared"], "needs --group-size 2 or more"),
+        (["--advantage", "grpo"], "use --mode shared"),
+    ):
+        with pytest.raises(SystemExit):
+            ppo_bench.parse_args(argv)
+        assert message in capsys.readouterr().err

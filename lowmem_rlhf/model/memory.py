@@ -301,13 +301,14 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
             ("score/value heads", heads * head),
         ]
         n_rollout = pc.rollout_batch_size * (pc.group_size if pc.advantage in ("grpo", "rloo") else 1)
+        n_gen = min(pc.generation_batch_size or n_rollout, n_rollout)  # sequences per generate call
         kv = 2 * L * shape.kv_heads * shape.head_dim * cb
         rollout = [
-            ("rollout: KV cache", n_rollout * s * kv),
-            ("rollout: last-position logits and sampling probabilities (fp32)", n_rollout * V * (cb + 4 + 4)),
+            ("rollout: KV cache", n_gen * s * kv),
+            ("rollout: last-position logits and sampling probabilities (fp32)", n_gen * V * (cb + 4 + 4)),
             (
                 "rollout: prefill activations of one layer",
-                n_rollout * pc.max_prompt_length * (d + 2 * shape.intermediate) * cb,
+                n_gen * pc.max_prompt_length * (d + 2 * shape.intermediate) * cb,
             ),
         ]
         buffers = ("rollout buffers (ids, log-probs, values, advantages)", n_rollout * s * (8 + 4 * 6))
