@@ -17,11 +17,9 @@ import dataclasses
 import datetime
 import gc
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from importlib.metadata import version
 from pathlib import Path
 from unittest import mock
 
@@ -37,6 +35,7 @@ from benchmarks.sft_bench import (
     _sync,
     add_common_args,
     slug,
+    versions,
 )
 from benchmarks.shapes import SHAPES, SPECIAL_TOKENS, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig
@@ -603,16 +602,6 @@ def target_records(args: argparse.Namespace, measurements: dict) -> dict:
             "met": _met(fraction, lambda v: v >= DECODE_FRACTION_MIN),
             "source": TARGET_SOURCE,
         },
-    }
-
-
-def versions() -> dict[str, str | None]:
-    """Python, torch, CUDA and the versions of the libraries the measured code paths run through."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        **{name: version(name) for name in ("transformers", "peft", "bitsandbytes")},
     }
 
 

@@ -59,6 +59,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def versions() -> dict[str, str | None]:
+    """Python, torch, CUDA and the versions of the libraries the measured code paths run through."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **{name: version(name) for name in ("transformers", "peft", "bitsandbytes")},
+    }
+
+
 def add_common_args(p: argparse.ArgumentParser, name: str, seed_help: str) -> None:
     """The options every benchmark shares: shape, LoRA rank, device, attention, chunk, seed, cache, output."""
     p.add_argument(
@@ -266,12 +276,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed": args.seed,
         },
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            **{name: version(name) for name in ("transformers", "peft", "bitsandbytes")},
-        },
+        "versions": versions(),
         "measurements": measurements,
         "checks": {
             "base_weights_unchanged": not any(_changed(base_before, base_weights)),
