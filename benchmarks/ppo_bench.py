@@ -81,6 +81,7 @@ DESIGN_SETTINGS = {
     "micro_batch": 4,
     "lora_r": 16,
     "advantage": "gae",
+    "generation_batch_size": 0,
 }
 PEAK_MAX_GB = 9.5
 MEMORY_RATIO_MAX = 0.4
@@ -334,18 +335,21 @@ class GenerationTimer:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.seconds = 0.0
-        self.tokens = 0
-        self.longest = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new iteration: ReMax calls `generate` twice per rollout (samples, then its greedy baseline)."""
+        self.seconds, self.tokens, self.longest, self.calls = 0.0, 0, 0, 0
 
     def __call__(self, *args, **kwargs) -> Generation:
         _sync(self.device)
         t0 = time.perf_counter()
         gen = generate(*args, **kwargs)
         _sync(self.device)
-        self.seconds = time.perf_counter() - t0
-        self.tokens = sum(len(r) for r in gen.response_ids)
-        self.longest = max(len(r) for r in gen.response_ids)
+        self.seconds += time.perf_counter() - t0
+        self.tokens += sum(len(r) for r in gen.response_ids)
+        self.longest = max(self.longest, *(len(r) for r in gen.response_ids))
+        self.calls += 1
         return gen
 
 
@@ -397,6 +401,7 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
     steps = []
     with mock.patch.object(ppo_trainer_module, "generate", timer):
         for step in range(s.pc.num_steps):
+            timer.reset()
             with meter.phase("rollout"):
                 _sync(s.device)
                 t0 = time.perf_counter()
@@ -417,6 +422,7 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
                     "rollout_s": rollout_s,
                     "generation_s": timer.seconds,
                     "generated_tokens": timer.tokens,
+                    "generate_calls": timer.calls,
                     "longest_response": timer.longest,
                     "update_s": update_s,
                     "metrics": metrics,
@@ -431,7 +437,7 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
     decode_tokens_per_s = mean("generated_tokens") / mean("generation_s")
     # Mid-generation: the KV cache holds the prompt and half of the new tokens.
     context = len(s.prompts[0]) + s.pc.max_new_tokens // 2
-    rows = min(s.pc.generation_batch_size or trainer.rollout_size, trainer.rollout_size)  # rows per generate call
+    rows = trainer.decode.rows_per_call(trainer.rollout_size)  # mean rows of one generate call
     read = decode_step_bytes(bank, "policy", rows, context, s.dtype)
     # Each decode step reads `read["total"]` bytes and makes one token per row.
     floor = None if s.bandwidth is None else s.bandwidth / read["total"] * rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,8 +77,8 @@ JOBS = (
     Job(
         "rollout",
         "rollout_bench",
-        _a("--prompts 64 --prompt-len 256 --new-tokens 256 --batch-sizes 1 16 64"),
-        _a("--prompts 4 --prompt-len 8 --new-tokens 8 --batch-sizes 2 4 --variants dynamic static base"),
+        _a("--calls 2 --prompt-len 256 --new-tokens 256 --batch-sizes 1 16 64"),
+        _a("--calls 1 --prompt-len 8 --new-tokens 8 --batch-sizes 2 4 --variants dynamic static base"),
     ),
 )
 JOB_NAMES = tuple(j.name for j in JOBS)
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="Where the JSON files and summaries go.")
     p.add_argument("--cache-dir", type=Path, default=None, help="Random-weight checkpoint cache (see sft_bench).")
     p.add_argument(
+        "--timeout", type=int, default=3600, help="Seconds one benchmark may run before it is stopped (and failed)."
+    )
+    p.add_argument(
         "--summarize-only", action="store_true", help="Run nothing; rebuild the summaries from the results folder."
     )
     return p.parse_args(argv)
@@ -112,31 +116,44 @@ def run_jobs(args: argparse.Namespace) -> list[dict]:
     """Run every selected job on every shape, each in its own process; returns one status row per run."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    if args.device in ("auto", "cuda"):  # one GPU per benchmark (TRL's trainer refuses several)
+        env.setdefault("CUDA_VISIBLE_DEVICES", "0")
     statuses = []
     for shape in args.shapes:
         for job in (j for j in JOBS if j.name in args.only):
             out = args.results_dir / f"{job.name}_{shape}.json"
+            out.unlink(missing_ok=True)  # a failed run must not leave an older result in the summary
             cmd = command(job, shape, args, out)
             print(f"[suite] {job.name} on {shape}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=args.timeout)
+                returncode, output = proc.returncode, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as e:
+                returncode = None
+                output = f"{_text(e.stdout)}{_text(e.stderr)}\nstopped after --timeout {args.timeout} s"
             seconds = time.perf_counter() - t0
-            ok = proc.returncode == 0 and out.is_file()
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            print(tail if not ok else proc.stdout.strip(), flush=True)
+            ok = returncode == 0 and out.is_file()
+            tail = "\n".join(output.strip().splitlines()[-15:])
+            print(output.strip() if ok else tail, flush=True)
             print(f"[suite] {job.name} on {shape}: {'ok' if ok else 'FAILED'} in {seconds:.0f} s", flush=True)
             statuses.append(
                 {
                     "job": job.name,
                     "shape": shape,
                     "ok": ok,
-                    "returncode": proc.returncode,
+                    "returncode": returncode,
                     "seconds": seconds,
                     "command": " ".join(["python", *cmd[1:]]),
                     "output_tail": None if ok else tail,
                 }
             )
     return statuses
+
+
+def _text(stream: bytes | str | None) -> str:
+    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream or ""
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -294,8 +311,9 @@ def render_markdown(records: dict[str, dict], statuses: list[dict]) -> str:
     if failed:
         lines += ["## Runs that failed", ""]
         for s in failed:
+            how = "timed out" if s["returncode"] is None else f"exit {s['returncode']}"
             lines += [
-                f"- `{s['command']}` (exit {s['returncode']}):",
+                f"- `{s['command']}` ({how}):",
                 "",
                 "  ```",
                 *("  " + x for x in s["output_tail"].splitlines()),
@@ -306,11 +324,14 @@ def render_markdown(records: dict[str, dict], statuses: list[dict]) -> str:
 
 
 def read_records(results_dir: Path) -> dict[str, dict]:
-    """Every suite result JSON in the folder, keyed `<job>_<shape>` (the file name without .json)."""
+    """Every suite result JSON in the folder, keyed `<job>_<shape>` (the file name without .json).
+
+    Files the benchmarks write on their own (`<name>_<shape>_<device>.json`) share the folder and are left out.
+    """
     records = {}
     for path in sorted(results_dir.glob("*.json")):
-        job = path.stem.split("_", 1)[0]
-        if job in JOB_NAMES:
+        job, _, shape = path.stem.partition("_")
+        if job in JOB_NAMES and shape in KNOWN_SHAPES:
             records[path.stem] = json.loads(path.read_text())
     return records
 

@@ -133,7 +133,17 @@ def test_qwen2_5_0_5b_by_hand():
     chunked = dict(estimate_stage(chunked_cfg, shape, "ppo").items)
     assert "rollout: KV cache" not in chunked
     assert chunked["log-probs: one chunk of logits"] == items["log-probs: one chunk of logits"]
-    assert 32 * 256 * 2 * 24 * 128 * 2 < 512 * 151_936 * 10  # the 32-row cache is below the update's chunk
+    # calls of 128 of 1024 rollout rows (GRPO, 4 per prompt): the rollout is the peak again, with 128 rows
+    grpo = replace(c.ppo, rollout_batch_size=256, advantage="grpo", group_size=4, generation_batch_size=128)
+    calls = dict(estimate_stage(replace(c, ppo=grpo), shape, "ppo").items)
+    assert calls["rollout: KV cache"] == 128 * 256 * 2 * 24 * 128 * 2
+    # a batch size above the rollout's rows is the rollout's rows, unless compiled calls are filled up to it
+    wide = replace(c.ppo, rollout_batch_size=256, generation_batch_size=4096)
+    assert dict(estimate_stage(replace(c, ppo=wide), shape, "ppo").items) == big_items
+    compiled = replace(wide, generation_cache="static", compile_generation=True)
+    assert dict(estimate_stage(replace(c, ppo=compiled), shape, "ppo").items)["rollout: KV cache"] == (
+        4096 * 256 * 2 * 24 * 128 * 2
+    )
     assert e.batch == 2 and e.length == 128
 
 

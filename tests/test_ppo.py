@@ -130,19 +130,53 @@ def test_greedy_generation_batched_equals_unbatched(base_run):
     assert any(len(r) > 2 for r in alone)  # real responses, not an immediate EOS
 
     # how the rows are decoded never changes greedy tokens: calls of 3 rows (sorted by length, a short last
-    # call), a static cache wider than every prompt, and the compiled decode step (its short call is filled up)
-    width = max(len(p) for p in prompts) + 5 + greedy.max_new_tokens
-    for decode in (
-        DecodeConfig(batch_size=3),
-        DecodeConfig(cache="static", max_cache_len=width),
-        DecodeConfig(batch_size=3, cache="static", max_cache_len=width, compile=True),
-    ):
-        got = generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id, decode=decode)
-        assert got.response_ids == alone, decode
-    assert "_valid_auto_compile_criteria" not in vars(bank.peft_model.get_base_model())  # the opt-in is undone
-    narrow = DecodeConfig(cache="static", max_cache_len=20)
-    with pytest.raises(ValueError, match="does not fit a static cache of 20 positions"):
+    # call), a static cache with prompts padded wider than the longest, and the compiled decode step
+    inner = bank.peft_model.get_base_model()
+    widths, real_generate = [], type(bank.peft_model).generate
+
+    def spy(self, *args, **kwargs):
+        widths.append((kwargs["input_ids"].shape, type(kwargs.get("past_key_values")).__name__))
+        return real_generate(self, *args, **kwargs)
+
+    width = max(len(p) for p in prompts) + 5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(bank.peft_model), "generate", spy)
+        for decode in (
+            DecodeConfig(batch_size=3),
+            DecodeConfig(cache="static", prompt_width=width),
+            DecodeConfig(batch_size=3, cache="static", prompt_width=width, compile=True),
+        ):
+            got = generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id, decode=decode)
+            assert got.response_ids == alone, decode
+        assert "_compiled_call" in vars(inner)  # the decode step really was compiled
+        # the static cache pads every call to the prompt width, whatever max_new_tokens is; the compiled
+        # run's short call is filled up to 3 rows
+        one = SamplingConfig(max_new_tokens=1, temperature=0.0)
+        static = DecodeConfig(cache="static", prompt_width=width)
+        generate(bank, "policy", prompts, one, tok.eos_token_id, tok.pad_token_id, decode=static)
+    longest = max(len(p) for p in prompts)
+    assert widths == [
+        ((3, longest), "NoneType"),
+        ((1, sorted(map(len, prompts))[0]), "NoneType"),
+        ((4, width), "StaticCache"),
+        ((3, width), "StaticCache"),
+        ((3, width), "StaticCache"),
+        ((4, width), "StaticCache"),
+    ]
+    assert "_valid_auto_compile_criteria" not in vars(inner)  # the opt-in is undone ...
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("generate failed")
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="generate failed"):
+        mp.setattr(type(bank.peft_model), "generate", fail)
+        generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id, decode=decode)
+    assert "_valid_auto_compile_criteria" not in vars(inner)  # ... also when generate raises
+    narrow = DecodeConfig(cache="static", prompt_width=4)
+    with pytest.raises(ValueError, match="longer than the static cache's prompt_width 4"):
         generate(bank, "policy", prompts, greedy, tok.eos_token_id, tok.pad_token_id, decode=narrow)
+    with pytest.raises(ValueError, match="compile needs the static cache and a prompt_width"):
+        DecodeConfig(cache="static", compile=True)
 
 
 @pytest.mark.parametrize(

@@ -170,12 +170,12 @@ def test_cpu_smoke_run_grpo_with_static_cache(tmp_path):
     assert result["settings"]["advantage"] == "grpo" and result["settings"]["ppo"]["generation_cache"] == "static"
     shared = result["measurements"]["shared"]
     assert 0 < shared["generated_tokens"] <= 2 * 3 * 8
-    assert shared["decode_rows_per_call"] == 4
-    # the KV cache read per decode step counts the 4 rows of one generate call, not the 6 of the rollout
+    assert shared["decode_rows_per_call"] == 3  # 6 rows in calls of 4: 4, then 2
+    # the KV cache read per decode step counts the rows of one generate call, not the 6 of the rollout
     spec = SHAPES["tiny"]
     head_dim = spec["hidden_size"] // spec["num_attention_heads"]
     kv_row = 2 * spec["num_hidden_layers"] * spec["num_key_value_heads"] * head_dim * 4 * (8 + 4)
-    assert shared["decode_bytes_per_step"]["kv_cache"] == 4 * kv_row
+    assert shared["decode_bytes_per_step"]["kv_cache"] == 3 * kv_row
     # no value role: only the policy trains, and the group's advantages sum to zero, so the loss is finite
     assert set(result["checks"]["trained_roles_changed"]) == {"policy"}
     assert result["checks"]["trained_roles_changed"]["policy"]["changed"] > 0
@@ -193,3 +193,15 @@ def test_bad_benchmark_options_are_refused(capsys):
         with pytest.raises(SystemExit):
             ppo_bench.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_remax_times_both_generate_calls(tmp_path):
+    """ReMax generates twice per rollout (samples, then the greedy baseline): both count in the timings."""
+    args = ["--shape", "tiny", "--advantage", "remax", "--prompts", "3", "--prompt-len", "8", "--new-tokens", "6"]
+    args += ["--micro-batch", "3", "--steps", "1", "--warmup", "0", "--mode", "shared", "--device", "cpu"]
+    result = ppo_bench.main([*args, "--cache-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "remax.json")])
+    (step,) = result["measurements"]["shared"]["steps"]
+    assert step["generate_calls"] == 2
+    # sampled and greedy responses are both in the count: more than one call's worth can be generated
+    assert 2 * 3 <= step["generated_tokens"] <= 2 * 3 * 6
+    assert step["longest_response"] <= 6

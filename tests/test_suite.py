@@ -16,18 +16,22 @@ from benchmarks import suite  # noqa: E402
 
 
 def test_quick_suite_on_cpu_writes_results_and_summary(tmp_path, monkeypatch):
-    # an extra job whose benchmark refuses its options: the suite records it as failed and goes on
-    broken = suite.Job("sft", "sft_bench", ("--seq", "1"), ("--seq", "1"))
-    monkeypatch.setattr(suite, "JOBS", (*suite.JOBS, broken))
+    # the rm job made to fail (its benchmark refuses the options): the suite records it and goes on
+    broken = suite.Job("rm", "sft_bench", ("--seq", "1"), ("--seq", "1"))
+    monkeypatch.setattr(suite, "JOBS", (*(j for j in suite.JOBS if j.name != "rm"), broken))
     results = tmp_path / "results"
-    argv = ["--shapes", "tiny", "--only", "sft", "ppo", "rollout", "--device", "cpu", "--quick"]
+    results.mkdir()
+    (results / "rm_tiny.json").write_text("{}")  # an older rm result: must not survive the failed run
+    (results / "ppo_tiny_cpu.json").write_text("{}")  # a standalone benchmark's file: not the suite's
+    argv = ["--shapes", "tiny", "--only", "sft", "rm", "ppo", "rollout", "--device", "cpu", "--quick"]
     code = suite.main([*argv, "--results-dir", str(results), "--cache-dir", str(tmp_path / "ckpt")])
 
     assert code == 1  # one run failed
     summary = json.loads((results / "summary.json").read_text())
     runs = [(r["job"], r["shape"], r["ok"]) for r in summary["runs"]]
-    assert runs == [("sft", "tiny", True), ("ppo", "tiny", True), ("rollout", "tiny", True), ("sft", "tiny", False)]
+    assert runs == [("sft", "tiny", True), ("ppo", "tiny", True), ("rollout", "tiny", True), ("rm", "tiny", False)]
     assert summary["results"] == ["ppo_tiny", "rollout_tiny", "sft_tiny"]
+    assert not (results / "rm_tiny.json").exists()
     assert "--seq must be at least 2" in summary["runs"][-1]["output_tail"]
 
     sft = json.loads((results / "sft_tiny.json").read_text())

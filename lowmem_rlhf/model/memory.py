@@ -301,7 +301,10 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
             ("score/value heads", heads * head),
         ]
         n_rollout = pc.rollout_batch_size * (pc.group_size if pc.advantage in ("grpo", "rloo") else 1)
-        n_gen = min(pc.generation_batch_size or n_rollout, n_rollout)  # sequences per generate call
+        # sequences of the largest generate call; a compiled rollout fills its short calls up to the batch size
+        n_gen = min(pc.generation_batch_size or n_rollout, n_rollout)
+        if pc.compile_generation and pc.generation_batch_size:
+            n_gen = pc.generation_batch_size
         kv = 2 * L * shape.kv_heads * shape.head_dim * cb
         rollout = [
             ("rollout: KV cache", n_gen * s * kv),

@@ -8,11 +8,13 @@ gives the same tokens.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformers import CompileConfig, StaticCache
 
 from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.model.bank import AdapterBank
@@ -32,19 +34,19 @@ class DecodeConfig:
 
     batch_size: rows per `generate` call (0 = all at once). Prompts are sorted by length into the calls
         (less padding) and the results put back in the caller's order.
-    cache: "dynamic" grows the KV cache token by token; "static" preallocates `max_cache_len` positions
-        per row once, so every call has the same tensor shapes.
-    max_cache_len: static only: positions the cache holds (longest prompt + max_new_tokens). Prompts are
-        left-padded to `max_cache_len - max_new_tokens` so that prefill and decode shapes repeat across
-        calls. None: the longest prompt of each call.
-    compile: torch.compile the decode step (static cache only). The first call pays the compilation;
-        with `batch_size` set, a short last call is filled up with copies of its last prompt so that it
-        reuses the compiled shapes (their outputs are dropped).
+    cache: "dynamic" grows the KV cache token by token; "static" preallocates prompt_width + max_new_tokens
+        positions per row, one cache per `generate` of ours, reset and reused by each of its calls (the
+        same tensors, so a compiled step keeps its CUDA graph across the calls).
+    prompt_width: static only: prompts are left-padded to this many tokens, so the shapes repeat across
+        calls and rollouts whatever `max_new_tokens` is (PPO: max_prompt_length). None: the longest prompt.
+    compile: torch.compile the decode step (static cache and a prompt_width only). The first call pays the
+        compilation; with `batch_size` set, a short last call is filled up with copies of its last prompt
+        so that it reuses the compiled shapes (their outputs are dropped).
     """
 
     batch_size: int = 0
     cache: Literal["dynamic", "static"] = "dynamic"
-    max_cache_len: int | None = None
+    prompt_width: int | None = None
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -52,8 +54,16 @@ class DecodeConfig:
             raise ValueError(f"batch_size must be 0 (all) or positive, got {self.batch_size}")
         if self.cache not in ("dynamic", "static"):
             raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
-        if self.compile and self.cache != "static":
-            raise ValueError("compile needs the static cache: fixed shapes are what makes the compiled step reusable")
+        if self.compile and (self.cache != "static" or self.prompt_width is None):
+            raise ValueError("compile needs the static cache and a prompt_width: the compiled step needs fixed shapes")
+
+    def rows_per_call(self, rows: int) -> float:
+        """Mean rows of one `generate` call when decoding `rows` prompts (compiled: short calls are filled up)."""
+        if not self.batch_size:
+            return float(rows)
+        if self.compile:
+            return float(self.batch_size)
+        return rows / math.ceil(rows / self.batch_size)
 
 
 @dataclass
@@ -71,15 +81,40 @@ def compiled_decoding(model) -> Iterator[None]:
 
     transformers compiles the decode step of a static-cache `generate` on its own, except for quantizers
     that do not declare themselves compileable: its bitsandbytes 4-bit quantizer keeps the base class's
-    `is_compileable = False`. bitsandbytes registers its 4-bit kernels as torch.library ops, which dynamo
-    traces without graph breaks, so the check is lifted here, on this model instance only, and put back.
+    `is_compileable = False`. bitsandbytes registers its 4-bit kernels as torch.library ops (with fake
+    implementations), which dynamo traces without graph breaks. So transformers' own check runs here with
+    the quantizer hidden from it, on this model instance only, and everything is put back on exit.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner._valid_auto_compile_criteria = lambda *args, **kwargs: True
+    check = getattr(type(inner), "_valid_auto_compile_criteria", None)
+    if check is None:  # a transformers without the check would silently never compile
+        raise RuntimeError(
+            f"this transformers version has no {type(inner).__name__}._valid_auto_compile_criteria; "
+            "compiled decoding cannot be enabled"
+        )
+
+    def without_quantizer(*args, **kwargs) -> bool:
+        quantizer = inner.hf_quantizer
+        inner.hf_quantizer = None
+        try:
+            return check(inner, *args, **kwargs)
+        finally:
+            inner.hf_quantizer = quantizer
+
+    inner._valid_auto_compile_criteria = without_quantizer
     try:
         yield
     finally:
         del inner._valid_auto_compile_criteria
+
+
+def _compile_config(device: torch.device) -> CompileConfig:
+    """transformers' default compile settings (inductor, CUDA graphs via reduce-overhead); off CUDA its device
+    check would refuse, so the config says to compile on every device (CPU tests use that)."""
+    config = CompileConfig()
+    if device.type != "cuda":
+        config._compile_all_devices = True
+    return config
 
 
 def _calls(prompts: list[list[int]], size: int) -> list[list[int]]:
@@ -93,7 +128,7 @@ def _calls(prompts: list[list[int]], size: int) -> list[list[int]]:
 @torch.no_grad()
 def generate(
     bank: AdapterBank,
-    role: str,
+    role: str | None,
     prompts: list[list[int]],
     sampling: SamplingConfig,
     eos_id: int,
@@ -101,7 +136,7 @@ def generate(
     generator_seed: int | None = None,
     decode: DecodeConfig | None = None,
 ) -> Generation:
-    """Sample one response per prompt from `role`; tokens after the first EOS are dropped."""
+    """Sample one response per prompt from `role` (None: adapters off); tokens after the first EOS are dropped."""
     decode = decode or DecodeConfig()
     greedy = sampling.temperature == 0
     kwargs = dict(
@@ -110,30 +145,37 @@ def generate(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         use_cache=True,
+        disable_compile=not decode.compile,  # transformers compiles unquantized static-cache decoding by itself
     )
     if not greedy:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    longest = max(len(p) for p in prompts)
     width = None
     if decode.cache == "static":
-        kwargs["cache_implementation"] = "static"
-        if decode.max_cache_len is not None:
-            width = decode.max_cache_len - sampling.max_new_tokens
-            longest = max(len(p) for p in prompts)
-            if longest > width:
-                raise ValueError(
-                    f"a prompt of {longest} tokens does not fit a static cache of {decode.max_cache_len} positions "
-                    f"with {sampling.max_new_tokens} new tokens"
-                )
-            kwargs["max_cache_len"] = decode.max_cache_len
+        width = decode.prompt_width or longest
+        if longest > width:
+            raise ValueError(f"a prompt of {longest} tokens is longer than the static cache's prompt_width {width}")
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     new: list[list[int]] = [[] for _ in prompts]
+    caches: dict[int, StaticCache] = {}  # one per call size, reset and reused
     with bank.use(role) as model, compiled_decoding(model) if decode.compile else contextlib.nullcontext():
+        if decode.compile:
+            kwargs["compile_config"] = _compile_config(bank.device)
         for rows in _calls(prompts, decode.batch_size):
             batch = [prompts[i] for i in rows]
             if decode.compile and decode.batch_size and len(batch) < decode.batch_size:
                 batch += [batch[-1]] * (decode.batch_size - len(batch))
             ids, mask = pad_sequences(batch, pad_id, padding_side="left", width=width)
+            if width is not None:
+                cache = caches.get(len(batch))
+                if cache is None:
+                    config = model.get_base_model().config.get_text_config(decoder=True)
+                    size = width + sampling.max_new_tokens
+                    cache = caches[len(batch)] = StaticCache(config=config, max_cache_len=size)
+                else:
+                    cache.reset()
+                kwargs["past_key_values"] = cache
             out = model.generate(input_ids=ids.to(bank.device), attention_mask=mask.long().to(bank.device), **kwargs)
             for i, row in zip(rows, out[:, ids.shape[1] :].tolist(), strict=False):
                 new[i] = row

@@ -168,7 +168,7 @@ class PPOTrainer:
         self.decode = DecodeConfig(
             batch_size=pc.generation_batch_size,
             cache=pc.generation_cache,
-            max_cache_len=pc.max_prompt_length + pc.max_new_tokens if pc.generation_cache == "static" else None,
+            prompt_width=pc.max_prompt_length if pc.generation_cache == "static" else None,
             compile=pc.compile_generation,
         )
         self.last_rollout: Rollout | None = None
