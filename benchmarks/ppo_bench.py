@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,14 +27,13 @@ import torch
 import lowmem_rlhf.train.ppo as ppo_trainer_module
 from benchmarks.sft_bench import (
     GIB,
-    RESULTS_DIR,
     _changed,
     _positive,
     _quantized_weights,
     _sync,
     add_common_args,
-    slug,
     versions,
+    write_result,
 )
 from benchmarks.shapes import SHAPES, SPECIAL_TOKENS, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig
@@ -215,23 +213,27 @@ def random_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]
     return torch.randint(len(SPECIAL_TOKENS), vocab, (n, length), generator=g).tolist()
 
 
-def make_adapters(model: torch.nn.Module, lora: LoRAConfig, out_dir: Path, seed: int) -> tuple[Path, Path]:
-    """Save an `sft` adapter and a `reward` adapter (+ score head) for `model` under `out_dir`; returns their folders.
+def make_adapters(
+    model: torch.nn.Module, lora: LoRAConfig, out_dir: Path, seed: int, roles: tuple[str, ...] = ("sft", "reward")
+) -> tuple[Path, ...]:
+    """Save random-weight adapters for `model` under `out_dir` (`sft`; `reward` with a score head); returns
+    their folders, in the order of `roles`.
 
-    The adapters are then taken off again (peft's `unload`, nothing merged), so the caller builds its roles
-    on the same loaded base instead of loading it a second time.
+    LoRA B is drawn with std LORA_B_STD so the adapters are not no-ops. They are then taken off again (peft's
+    `unload`, nothing merged), so the caller builds its roles on the same loaded base instead of loading it
+    a second time.
     """
     torch.manual_seed(seed)
     bank = AdapterBank(model, gradient_checkpointing=False)
-    for role, head in (("sft", False), ("reward", True)):
-        bank.add_role(role, lora=lora_config(lora), head=head)
+    for role in roles:
+        bank.add_role(role, lora=lora_config(lora), head=role == "reward")
         with torch.no_grad():
             for name, p in bank.named_role_parameters(role).items():
                 if "lora_B" in name:
                     p.normal_(std=LORA_B_STD)
         bank.save_role(role, out_dir / role)
     bank.peft_model.unload()
-    return out_dir / "sft", out_dir / "reward"
+    return tuple(out_dir / role for role in roles)
 
 
 def measure_bandwidth(device: torch.device) -> float:
@@ -743,10 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print a summary."""
     args = parse_args(argv)
     result = run(args)
-    method = "ppo" if args.advantage == "gae" else args.advantage
-    path = args.out or RESULTS_DIR / f"{method}_{args.shape}_{slug(result['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(result, args.out, "ppo" if args.advantage == "gae" else args.advantage, args.shape)
     print(summary(result, path))
     return result
 

@@ -14,30 +14,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.ppo_bench import LORA_B_STD, make_adapters
 from benchmarks.sft_bench import (
     CPU_NOTE,
     CUDA_NOTE,
     GIB,
-    RESULTS_DIR,
     _changed,
     _positive,
     _quantized_weights,
     _sync,
     add_common_args,
-    slug,
+    timed_steps,
     versions,
+    write_result,
 )
 from benchmarks.shapes import SPECIAL_TOKENS, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import DPOConfig, LoRAConfig, ModelConfig, RewardConfig
 from lowmem_rlhf.data.preference import PairExample, collate_pairs
-from lowmem_rlhf.model.bank import AdapterBank, lora_config
+from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.loading import load_base, resolve_device, resolve_dtype
 from lowmem_rlhf.stages.dpo import _collate, dpo_loss_sum, reference_logprobs
 from lowmem_rlhf.stages.rm import rm_loss_sum
@@ -46,7 +46,6 @@ from lowmem_rlhf.train.loop import build_optimizer
 
 STAGES = ("rm", "dpo")
 TRAINED_ROLE = {"rm": "reward", "dpo": "policy"}
-LORA_B_STD = 1e-3  # std of the saved SFT adapter's LoRA B (fresh LoRA has B = 0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,24 +94,6 @@ def random_pairs(vocab: int, n: int, seq: int, seed: int) -> list[PairExample]:
         PairExample(p + chosen, p + rejected, prompt_len, prompt_len, 1.0, 0.0)
         for p, (chosen, rejected) in zip(prompts, responses, strict=True)
     ]
-
-
-def make_sft_adapter(model: torch.nn.Module, lora: LoRAConfig, out_dir: Path, seed: int) -> Path:
-    """Save a random-weight `sft` adapter for `model` into `out_dir` and take it off the base again.
-
-    LoRA B is drawn with std LORA_B_STD so the adapter is not a no-op; peft's `unload` removes the LoRA
-    layers without merging, so the stage's roles are built on the same loaded base.
-    """
-    torch.manual_seed(seed)
-    bank = AdapterBank(model, gradient_checkpointing=False)
-    bank.add_role("sft", lora=lora_config(lora))
-    with torch.no_grad():
-        for name, p in bank.named_role_parameters("sft").items():
-            if "lora_B" in name:
-                p.normal_(std=LORA_B_STD)
-    bank.save_role("sft", out_dir)
-    bank.peft_model.unload()
-    return out_dir
 
 
 def build_bank(stage: str, model: torch.nn.Module, sft_dir: Path, gradient_checkpointing: bool) -> AdapterBank:
@@ -191,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     loaded_gib = torch.cuda.memory_allocated(device) / GIB if on_cuda else None
 
     with tempfile.TemporaryDirectory(prefix="preference_bench-") as tmp:
-        sft_dir = make_sft_adapter(model, lora, Path(tmp) / "sft", args.seed)
+        (sft_dir,) = make_adapters(model, lora, Path(tmp), args.seed, roles=("sft",))
         bank = build_bank(args.stage, model, sft_dir, train_cfg.gradient_checkpointing)
     params = bank.trainable_parameters()
     optimizer = build_optimizer(params, train_cfg, device)
@@ -232,12 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    losses = [step() for _ in range(args.warmup)]
-    _sync(device)
-    t0 = time.perf_counter()
-    losses += [step() for _ in range(args.steps)]
-    _sync(device)
-    timed_s = time.perf_counter() - t0
+    losses, timed_s = timed_steps(step, args.warmup, args.steps, device)
 
     measurements = {
         "pairs_per_s": args.batch * args.steps / timed_s,
@@ -330,9 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print a summary."""
     args = parse_args(argv)
     result = run(args)
-    path = args.out or RESULTS_DIR / f"{args.stage}_{args.shape}_{slug(result['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(result, args.out, args.stage, args.shape)
     print(summary(result, path))
     return result
 

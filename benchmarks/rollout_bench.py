@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ppo_bench import GB, MemoryMeter, decode_step_bytes, make_adapters, measure_bandwidth, random_prompts
-from benchmarks.sft_bench import GIB, RESULTS_DIR, _positive, _sync, add_common_args, slug, versions
+from benchmarks.sft_bench import GIB, _positive, _sync, add_common_args, versions, write_result
 from benchmarks.shapes import SHAPES, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig
 from lowmem_rlhf.model.bank import AdapterBank
@@ -233,9 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print where it went."""
     args = parse_args(argv)
     result = run(args)
-    path = args.out or RESULTS_DIR / f"rollout_{args.shape}_{slug(result['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(result, args.out, "rollout", args.shape)
     best = result["measurements"]["best"]
     print(f"{BENCHMARK} {args.shape} on {result['device']}: best {best['variant']} x {best['batch_size']} -> {path}")
     return result

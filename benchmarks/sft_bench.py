@@ -15,6 +15,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -67,6 +68,24 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         **{name: version(name) for name in ("transformers", "peft", "bitsandbytes")},
     }
+
+
+def timed_steps(step: Callable[[], float], warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
+    """`warmup` untimed then `steps` timed calls of `step` (each returns its loss); (all losses, timed seconds)."""
+    losses = [step() for _ in range(warmup)]
+    _sync(device)
+    t0 = time.perf_counter()
+    losses += [step() for _ in range(steps)]
+    _sync(device)
+    return losses, time.perf_counter() - t0
+
+
+def write_result(result: dict, out: Path | None, name: str, shape: str) -> Path:
+    """Write `result` as JSON to `out`, else to benchmarks/results/<name>_<shape>_<device>.json; returns the path."""
+    path = out or RESULTS_DIR / f"{name}_{shape}_{slug(result['device'])}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
 
 
 def add_common_args(p: argparse.ArgumentParser, name: str, seed_help: str) -> None:
@@ -231,12 +250,7 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    losses = [step() for _ in range(args.warmup)]
-    _sync(device)
-    t0 = time.perf_counter()
-    losses += [step() for _ in range(args.steps)]
-    _sync(device)
-    timed_s = time.perf_counter() - t0
+    losses, timed_s = timed_steps(step, args.warmup, args.steps, device)
 
     measurements = {
         "tokens_per_s": args.batch * args.seq * args.steps / timed_s,
@@ -316,9 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print a summary."""
     args = parse_args(argv)
     result = run(args)
-    path = args.out or RESULTS_DIR / f"sft_{args.shape}_{slug(result['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(result, args.out, "sft", args.shape)
     print(summary(result, path))
     return result
 

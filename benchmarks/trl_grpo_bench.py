@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,14 +50,13 @@ from transformers import TrainerCallback
 from benchmarks import ppo_bench
 from benchmarks.ppo_bench import LORA_B_STD, MemoryMeter, random_prompts
 from benchmarks.sft_bench import (
-    RESULTS_DIR,
     _changed,
     _positive,
     _quantized_weights,
     _sync,
     add_common_args,
-    slug,
     versions,
+    write_result,
 )
 from benchmarks.shapes import SHAPES, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig
@@ -583,9 +581,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print a summary."""
     args = parse_args(argv)
     result = run(args)
-    path = args.out or RESULTS_DIR / f"{BENCHMARK}_{args.shape}_{slug(result['device'])}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(result, args.out, BENCHMARK, args.shape)
     print(summary(result, path))
     return result
 
