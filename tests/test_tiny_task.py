@@ -275,3 +275,18 @@ def test_regeneration_is_byte_identical(tmp_path: Path):
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
     assert sorted(p.name for p in DATA_DIR.iterdir()) == sorted(FILES)
+
+
+def test_tiny_build_key_follows_the_pretraining_text(tmp_path: Path, monkeypatch):
+    """Editing the pre-training text must build a new model, not reuse weights cached for the old text."""
+    import lowmem_rlhf.tiny.model as tiny_model
+    import lowmem_rlhf.tiny.task as tiny_task
+
+    monkeypatch.setattr(tiny_model, "pretrain", lambda *args, **kwargs: None)  # the key is the point, not the weights
+    first = tiny_model.build_tiny(tmp_path)
+    assert tiny_model.build_tiny(tmp_path) == first  # cached: same inputs, same folder
+    original = tiny_task.pretraining_text
+    monkeypatch.setattr(tiny_task, "pretraining_text", lambda: [*original(), "A banana is yellow."])
+    second = tiny_model.build_tiny(tmp_path)
+    assert second != first
+    assert (first / "config.json").is_file() and (second / "config.json").is_file()

@@ -107,7 +107,9 @@ def build_tiny(cache_dir: Path | None = None, seed: int = 0) -> Path:
     from lowmem_rlhf.tiny.task import corpus_text, pretraining_text
 
     text = corpus_text()
+    # everything the weights depend on, so a change to any of it builds a new model beside the old one
     recipe = [TINY_LLAMA, VOCAB_SIZE, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, BUILD_VERSION, seed, text]
+    recipe += [pretraining_text()]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     final = root / f"tiny-llama-{key}"
