@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from lowmem_rlhf.data.batching import pad_sequences
     from lowmem_rlhf.data.chat import encode_prompt, encode_response, to_messages
-    from lowmem_rlhf.model.scoring import last_token_index
+    from lowmem_rlhf.model.scoring import sequence_scores
     from lowmem_rlhf.tiny import task
     from lowmem_rlhf.tiny.model import build_tiny
 
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for p, r in zip(prompts, responses, strict=True)
         ]
         ids, mask = pad_sequences(seqs, tokenizer.pad_token_id)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        return head(hidden[torch.arange(len(seqs)), last_token_index(mask)])[:, 0]
+        return sequence_scores(model, lambda h: head(h)[:, 0], ids, mask)  # the stages' last-real-token reading
 
     rng = random.Random(args.seed)
     bundled = task.read_jsonl(task.DATA_DIR / "rankings.jsonl")
