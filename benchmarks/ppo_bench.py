@@ -37,6 +37,7 @@ from benchmarks.sft_bench import (
 )
 from benchmarks.shapes import SHAPES, SPECIAL_TOKENS, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, resolve_device, resolve_dtype
@@ -513,7 +514,7 @@ def run_separate(s: Setup) -> dict:
     with meter.phase("generate"):
         sampling = SamplingConfig(pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k)
         gen = generate(
-            banks["policy"], "policy", s.prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, s.seed
+            banks["policy"], "policy", s.prompts, sampling, end_of_turn_ids(tokenizer), tokenizer.pad_token_id, s.seed
         )
     p = len(s.prompts[0])  # every prompt has the same length, so right padding keeps them aligned
     ids, mask = pad_sequences([q + r for q, r in zip(s.prompts, gen.response_ids, strict=True)], tokenizer.pad_token_id)

@@ -24,6 +24,7 @@ from benchmarks.ppo_bench import GB, MemoryMeter, decode_step_bytes, make_adapte
 from benchmarks.sft_bench import GIB, _positive, _sync, add_common_args, versions, write_result
 from benchmarks.shapes import SHAPES, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import LoRAConfig, ModelConfig
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.loading import load_base, resolve_device, resolve_dtype
 from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
@@ -88,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _timed_generate(bank: AdapterBank, role, prompts, sampling, tok, decode: DecodeConfig, seed: int, device):
     _sync(device)
     t0 = time.perf_counter()
-    gen = generate(bank, role, prompts, sampling, tok.eos_token_id, tok.pad_token_id, seed, decode=decode)
+    gen = generate(bank, role, prompts, sampling, end_of_turn_ids(tok), tok.pad_token_id, seed, decode=decode)
     _sync(device)
     return time.perf_counter() - t0, gen
 

@@ -100,7 +100,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lowmem_rlhf.data.chat import encode_prompt, to_messages
+    from lowmem_rlhf.data.chat import encode_prompt, end_of_turn_ids, to_messages
     from lowmem_rlhf.data.formats import load_rows
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bank.add_role("policy", from_dir=stage_dir)
     encoded = [encode_prompt(tokenizer, to_messages(p, "--prompt", "prompt")) for p in prompts]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    out = generate(bank, "policy", encoded, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, args.seed)
+    out = generate(bank, "policy", encoded, sampling, end_of_turn_ids(tokenizer), tokenizer.pad_token_id, args.seed)
     for prompt, ids in zip(prompts, out.response_ids, strict=True):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if args.json:

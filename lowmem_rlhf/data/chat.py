@@ -3,16 +3,23 @@
 Every stage builds a sequence the same way, so what SFT trains on is what PPO generates from:
 
     prompt_ids   = tokenize(render(prompt_messages, add_generation_prompt=True))
-    response_ids = tokenize(response_text) + [eos]
+    response_ids = tokenize(response_text) + closing
 
-The response's closing EOS is part of the response (a label in SFT, the last scored token in RM/PPO).
+`closing` is the template's own end of an assistant turn, up to its end-of-turn token: `<|im_end|>`
+(ChatML, Qwen2), `<|eot_id|>` (Llama-3), `<end_of_turn>` (Gemma), `<|end|>` (Phi-3), or the EOS token
+where the template closes a turn with it (Mistral, our default). It is part of the response: a label
+in SFT, the last scored token in RM/PPO, and one of the ids generation stops at (`end_of_turn_ids`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from lowmem_rlhf.errors import UserError
+
+# A stand-in assistant message; what the template writes after it closes an assistant turn.
+_MARKER = "\x00lowmem-rlhf-response\x00"
 
 # Used only when the tokenizer has no template of its own (e.g. base models and the tiny model).
 DEFAULT_CHAT_TEMPLATE = (
@@ -85,6 +92,49 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
 
 
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return ids
+
+
+_CLOSINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ((template, eos), closing)
+
+
+def response_closing(tokenizer) -> list[int]:
+    """The token ids the chat template writes after an assistant message, up to its end-of-turn token.
+
+    Found by rendering a one-turn conversation around a marker and reading what follows the marker up
+    to the first special token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`). A
+    template that closes a turn with no special token gets the tokenizer's EOS, so every response
+    still ends with a token generation can stop at.
+    """
+    key = (tokenizer.chat_template, tokenizer.eos_token_id)
+    cached = _CLOSINGS.get(tokenizer)
+    if cached is None or cached[0] != key:
+        conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}]
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        if not isinstance(text, str) or _MARKER not in text:
+            raise UserError(
+                "the tokenizer's chat template does not write an assistant message's content; "
+                "give the tokenizer a chat template that renders assistant turns"
+            )
+        after = tokenizer(text.split(_MARKER, 1)[1], add_special_tokens=False).input_ids
+        special = _special_ids(tokenizer)
+        end = next((i for i, t in enumerate(after) if t in special), None)
+        cached = _CLOSINGS[tokenizer] = (key, after[: end + 1] if end is not None else [tokenizer.eos_token_id])
+    return list(cached[1])
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids that end a response: the template's end-of-turn token, then the tokenizer's EOS (no repeats).
+
+    Generation adds the model's own `generation_config.eos_token_id` list to these (rollout.generate).
+    """
+    ids = [response_closing(tokenizer)[-1], tokenizer.eos_token_id]
+    return list(dict.fromkeys(ids))
+
+
 def encode_response(tokenizer, text: str) -> list[int]:
-    """Token ids of a response followed by the EOS that closes it."""
-    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    """Token ids of a response followed by the template's closing (ending with its end-of-turn token)."""
+    return tokenizer(text, add_special_tokens=False).input_ids + response_closing(tokenizer)

@@ -21,6 +21,26 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class _SoftCapped(torch.nn.Module):
+    """lm_head followed by the model's final-logit soft-capping (Gemma-2/3): cap * tanh(logits / cap)."""
+
+    def __init__(self, head: torch.nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden).float() / self.cap) * self.cap
+
+
+def output_head(model) -> torch.nn.Module:
+    """The module that maps hidden states to the logits the model samples from (lm_head, soft-capped if the
+    architecture caps its logits), so our log-probs are those of the distribution `generate` draws from."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+    return _SoftCapped(head, cap) if cap else head
+
+
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states (b, t, d), without running lm_head over the whole sequence."""
     decoder = causal_lm(model).get_decoder()
@@ -42,7 +62,7 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(input_ids[:, 1:] | prefix): (b, t - 1) fp32, computed chunk by chunk (pitfall 11)."""
     hidden = hidden_states(model, input_ids, attention_mask)
-    head = causal_lm(model).get_output_embeddings()
+    head = output_head(model)
     return chunked_logprobs(hidden[:, :-1], head, input_ids[:, 1:], chunk_size, temperature)
 
 

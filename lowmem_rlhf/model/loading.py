@@ -64,7 +64,34 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     return None
 
 
-def _check_attention(cfg: ModelConfig, device: torch.device) -> None:
+def _attention(cfg: ModelConfig, device: torch.device, path: str) -> str:
+    """The attention kernel to load with: the recipe's, or eager (said in the log) where the architecture
+    has no SDPA kernel (Gemma-2: SDPA cannot soft-cap attention logits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_flash(cfg, device)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (OSError, ValueError, KeyError):
+        return cfg.attn_implementation  # from_pretrained reports it (or the model brings its own code)
+    supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    flag = supported.get(cfg.attn_implementation)
+    if flag is None or getattr(model_class, flag, True):
+        return cfg.attn_implementation
+    if cfg.attn_implementation == "sdpa":
+        logger.warning(
+            "%s has no SDPA attention; using model.attn_implementation=eager (set it in the recipe to silence this)",
+            model_class.__name__,
+        )
+        return "eager"
+    raise UserError(
+        f"model.attn_implementation={cfg.attn_implementation}: {model_class.__name__} does not support it; "
+        "use model.attn_implementation=eager"
+    )
+
+
+def _check_flash(cfg: ModelConfig, device: torch.device) -> None:
     if cfg.attn_implementation != "flash_attention_2":
         return
     if device.type != "cuda":
@@ -90,10 +117,19 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     if tok.eos_token_id is None:
         raise UserError(f"model.name_or_path {cfg.name_or_path!r}: the tokenizer defines no EOS token")
     if tok.pad_token_id is None:
-        # pad == eos is safe here: every mask is built from lengths, never from `ids != pad_id`.
-        tok.pad_token = tok.eos_token
+        tok.pad_token = _pad_token(tok)
     ensure_chat_template(tok)
     return tok
+
+
+def _pad_token(tok) -> str:
+    """A pad for a tokenizer without one: its own reserved pad token if it has one (Llama-3.1's
+    `<|finetune_right_pad_id|>`), else EOS. Either is safe: every mask is built from lengths, never from
+    `ids != pad_id`, so a closing EOS or end-of-turn token stays a label (pitfall 4)."""
+    for token in tok.added_tokens_decoder.values():
+        if token.special and "pad" in token.content.lower():
+            return token.content
+    return tok.eos_token
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:
@@ -125,8 +161,8 @@ def load_base(cfg: ModelConfig):
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
-    _check_attention(cfg, device)
     path = resolve_path(cfg)
+    attention = _attention(cfg, device, path)
     tokenizer = load_tokenizer(cfg, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -135,7 +171,7 @@ def load_base(cfg: ModelConfig):
             quantization_config=quantization_config(cfg, dtype),
             dtype=dtype,
             device_map={"": str(device)},
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=cfg.trust_remote_code,
         )
     except OSError as e:

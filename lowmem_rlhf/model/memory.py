@@ -39,11 +39,19 @@ FRAGMENTATION = 1.05  # allocator slack on top of the allocated peak when decidi
 BLOCK = 64  # bitsandbytes 4-bit block size
 NESTED_BLOCK = 256  # blocks per fp32 constant under double quantization
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps optimizer state of smaller tensors in 32 bits
+FUSED_MODEL_TYPES = ("phi3",)  # one qkv_proj and one gate_up_proj per layer
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")  # RMSNorm before and after attention and MLP; embedding scale
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What memory depends on in a Llama/Qwen2/Mistral-style decoder."""
+    """What memory depends on in a Llama/Qwen2/Mistral/Gemma/Phi-3-style decoder.
+
+    fused: q/k/v and gate/up are single linear layers (`qkv_proj`, `gate_up_proj`: Phi-3), which also
+    changes how many LoRA modules an adapter has; norms_per_layer: RMSNorm weights per decoder layer
+    (2; Gemma-2/3 norm before and after both attention and MLP: 4); embed_scale: Gemma's fp32
+    embedding-scale buffer.
+    """
 
     vocab: int
     hidden: int
@@ -56,6 +64,9 @@ class Shape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    fused: bool = False
+    norms_per_layer: int = 2
+    embed_scale: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> Shape:
@@ -82,11 +93,21 @@ class Shape:
             qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
             o_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
+            fused=config.get("model_type") in FUSED_MODEL_TYPES,
+            norms_per_layer=4 if config.get("model_type") in GEMMA_MODEL_TYPES else 2,
+            embed_scale=config.get("model_type") in GEMMA_MODEL_TYPES,
         )
 
     def linears(self) -> list[tuple[str, int, int, bool]]:
         """(name, in_features, out_features, has_bias) of one decoder layer's linear layers."""
         d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        if self.fused:
+            return [
+                ("qkv_proj", d, q + 2 * kv, self.qkv_bias),
+                ("o_proj", q, d, self.o_bias),
+                ("gate_up_proj", d, 2 * i, self.mlp_bias),
+                ("down_proj", i, d, self.mlp_bias),
+            ]
         return [
             ("q_proj", d, q, self.qkv_bias),
             ("k_proj", d, kv, self.qkv_bias),
@@ -160,14 +181,15 @@ def unquantized_bytes(shape: Shape, compute_bytes: int) -> int:
     """Embeddings, lm_head (unless tied), RMSNorm weights and biases: kept in the compute dtype."""
     d = shape.hidden
     embeddings = shape.vocab * d * (1 if shape.tied else 2)
-    norms = (2 * shape.layers + 1) * d
+    norms = (shape.norms_per_layer * shape.layers + 1) * d
     biases = shape.layers * sum(fout for _, _, fout, bias in shape.linears() if bias)
     return (embeddings + norms + biases) * compute_bytes
 
 
 def buffer_bytes(shape: Shape) -> int:
-    """The rotary embedding's fp32 inverse frequencies (`inv_freq` and `original_inv_freq`)."""
-    return 2 * (shape.head_dim // 2) * 4
+    """The rotary embedding's fp32 inverse frequencies (`inv_freq` and `original_inv_freq`), and Gemma's
+    embedding scale (one fp32 scalar)."""
+    return 2 * (shape.head_dim // 2) * 4 + 4 * shape.embed_scale
 
 
 def lora_tensors(shape: Shape, r: int, targets: list[str] | str) -> list[int]:

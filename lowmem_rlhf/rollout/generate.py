@@ -1,4 +1,9 @@
-"""Batched generation: left padding, eval mode (dropout off, no checkpointing), KV cache on, stop at EOS.
+"""Batched generation: left padding, eval mode (dropout off, no checkpointing), KV cache on, stop at end of turn.
+
+A response ends at the first of its stop ids: the caller's (`data.chat.end_of_turn_ids`: the chat
+template's end-of-turn token and the tokenizer's EOS) together with the model's own
+`generation_config.eos_token_id`, which for Llama-3, Qwen2, Gemma and Phi-3 lists the end-of-turn and
+the end-of-text ids.
 
 `DecodeConfig` says how to decode, never what: rows per `generate` call, a dynamic or a preallocated
 (static) KV cache, and an opt-in `torch.compile` of the decode step. For greedy decoding every setting
@@ -9,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,11 +73,21 @@ class DecodeConfig:
 
 @dataclass
 class Generation:
-    """prompt_ids: per-row prompt tokens; response_ids: per-row generated tokens, up to and including EOS."""
+    """prompt_ids: per-row prompt tokens; response_ids: per-row generated tokens, up to and including the stop id."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
-    ended: list[bool]  # True when the response closed with EOS (not cut at max_new_tokens)
+    ended: list[bool]  # True when the response closed with a stop id (not cut at max_new_tokens)
+
+
+def stop_token_ids(bank: AdapterBank, eos_ids: int | Sequence[int]) -> list[int]:
+    """`eos_ids` followed by the model's `generation_config.eos_token_id` (an id, a list, or none), no repeats."""
+    ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    config = getattr(bank.base_model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    if extra is not None:
+        ids += [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys(ids))
 
 
 @contextlib.contextmanager
@@ -131,18 +146,23 @@ def generate(
     role: str | None,
     prompts: list[list[int]],
     sampling: SamplingConfig,
-    eos_id: int,
+    eos_ids: int | Sequence[int],
     pad_id: int,
     generator_seed: int | None = None,
     decode: DecodeConfig | None = None,
 ) -> Generation:
-    """Sample one response per prompt from `role` (None: adapters off); tokens after the first EOS are dropped."""
+    """Sample one response per prompt from `role` (None: adapters off), ending at the first stop id.
+
+    eos_ids: the ids that end a response (`data.chat.end_of_turn_ids(tokenizer)`); the model's
+    generation-config EOS ids are added (`stop_token_ids`). Tokens after the first stop id are dropped.
+    """
     decode = decode or DecodeConfig()
     greedy = sampling.temperature == 0
+    stops = stop_token_ids(bank, eos_ids)
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=not greedy,
-        eos_token_id=eos_id,
+        eos_token_id=stops,
         pad_token_id=pad_id,
         use_cache=True,
         disable_compile=not decode.compile,  # transformers compiles unquantized static-cache decoding by itself
@@ -180,9 +200,11 @@ def generate(
             for i, row in zip(rows, out[:, ids.shape[1] :].tolist(), strict=False):
                 new[i] = row
     responses, ended = [], []
+    stop_set = set(stops)
     for row in new:
-        if eos_id in row:
-            row = row[: row.index(eos_id) + 1]
+        end = next((i for i, t in enumerate(row) if t in stop_set), None)
+        if end is not None:
+            row = row[: end + 1]
         responses.append(row)
-        ended.append(bool(row) and row[-1] == eos_id)
+        ended.append(end is not None)
     return Generation(prompt_ids=[list(p) for p in prompts], response_ids=responses, ended=ended)

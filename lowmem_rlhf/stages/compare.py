@@ -27,6 +27,7 @@ import torch
 
 from lowmem_rlhf.config import CompareConfig, RecipeConfig
 from lowmem_rlhf.data.batching import pad_sequences
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.prompts import tokenize_prompts
 from lowmem_rlhf.errors import UserError
@@ -152,7 +153,7 @@ def collect_samples(
 
     # Log-probs under the distribution that was sampled (the model's own for greedy decoding).
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = end_of_turn_ids(tokenizer), tokenizer.pad_token_id
     rows = []
     batches = range(0, len(prompts), batch_size)
     bar = tqdm(total=len(policies) * len(batches), desc="compare", unit="batch", disable=None)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import DPOConfig, RecipeConfig
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
@@ -112,7 +113,7 @@ def sample_kl(bank: AdapterBank, tokenizer, prompts: list[list[int]], dc: DPOCon
         "policy",
         prompts,
         SamplingConfig(dc.max_new_tokens, 1.0),
-        tokenizer.eos_token_id,
+        end_of_turn_ids(tokenizer),
         tokenizer.pad_token_id,
         seed,
     )

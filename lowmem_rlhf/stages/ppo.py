@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import PPOConfig, RecipeConfig
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.preference import pad_sequences
 from lowmem_rlhf.data.prompts import tokenize_prompts
@@ -76,7 +77,7 @@ def sample_report(
     rewards, golds, lengths, ended = [], [], [], []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        gen = generate(bank, role, chunk, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, seed + i)
+        gen = generate(bank, role, chunk, sampling, end_of_turn_ids(tokenizer), tokenizer.pad_token_id, seed + i)
         ids, mask = pad_sequences([p + r for p, r in zip(chunk, gen.response_ids, strict=True)], tokenizer.pad_token_id)
         with bank.use("reward") as m:
             rewards.extend(sequence_scores(m, bank.head("reward"), ids.to(bank.device), mask.to(bank.device)).tolist())

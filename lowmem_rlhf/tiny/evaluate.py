@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_rlhf.data.chat import encode_prompt, to_messages
+from lowmem_rlhf.data.chat import encode_prompt, end_of_turn_ids, to_messages
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.rollout.generate import Generation, SamplingConfig, generate
 from lowmem_rlhf.tiny.task import DATA_DIR, gold_score, read_jsonl
@@ -44,7 +44,9 @@ def gold_report(
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         ids = [encode_prompt(tokenizer, to_messages(p, "prompt", "prompt")) for p in chunk]
-        gen: Generation = generate(bank, role, ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, seed + i)
+        gen: Generation = generate(
+            bank, role, ids, sampling, end_of_turn_ids(tokenizer), tokenizer.pad_token_id, seed + i
+        )
         for p, r, e in zip(chunk, gen.response_ids, gen.ended, strict=True):
             text = tokenizer.decode(r, skip_special_tokens=True).strip()
             samples.append((p, text, gold_score(p, text)))

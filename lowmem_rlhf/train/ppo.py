@@ -32,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowmem_rlhf.config import PPOConfig
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
 from lowmem_rlhf.model.bank import AdapterBank
-from lowmem_rlhf.model.forward import causal_lm, hidden_states
+from lowmem_rlhf.model.forward import hidden_states, output_head
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.ops import (
     chunked_logprobs,
@@ -50,7 +51,7 @@ from lowmem_rlhf.ops import (
     rloo_advantages,
 )
 from lowmem_rlhf.ops.preference import pearson
-from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
+from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate, stop_token_ids
 from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.loop import build_optimizer, build_scheduler, fingerprint, interrupted
 from lowmem_rlhf.train.losses import sft_loss_sum
@@ -117,7 +118,7 @@ def response_forward(
     h = hidden[:, prompt_width - 1 : prompt_width - 1 + t]
     logprobs = None
     if need_logprobs:
-        head = causal_lm(model).get_output_embeddings()
+        head = output_head(model)
         logprobs = chunked_logprobs(h, head, input_ids[:, prompt_width:], chunk_size, temperature)
     values = value_head(h) if value_head is not None else None
     return logprobs, values
@@ -171,6 +172,8 @@ class PPOTrainer:
             prompt_width=pc.max_prompt_length if pc.generation_cache == "static" else None,
             compile=pc.compile_generation,
         )
+        self.eos_ids = end_of_turn_ids(tokenizer)
+        self.stop_ids = set(stop_token_ids(bank, self.eos_ids))
         self.last_rollout: Rollout | None = None
 
     # ------------------------------------------------------------------ 1-5: experience
@@ -230,8 +233,9 @@ class PPOTrainer:
         index = [i for i in self.prompt_indices(step) for _ in range(self.samples_per_prompt)]
         prompts = [self.prompts[i] for i in index]
         # 1. generate trajectories (eval mode, KV cache, stop at EOS)
-        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
-        gen = generate(self.bank, "policy", prompts, self.sampling, eos, pad, decode=self.decode)
+        gen = generate(
+            self.bank, "policy", prompts, self.sampling, self.eos_ids, self.tok.pad_token_id, decode=self.decode
+        )
         ids, mask, rmask, p = self._batch(prompts, gen.response_ids)
         ended = torch.tensor(gen.ended, device=ids.device)
         # 2. rewards from the reward role at the last real token
@@ -265,7 +269,7 @@ class PPOTrainer:
                     "policy",
                     prompts,
                     SamplingConfig(pc.max_new_tokens, 0.0),
-                    self.tok.eos_token_id,
+                    self.eos_ids,
                     self.tok.pad_token_id,
                     decode=self.decode,
                 )
@@ -390,7 +394,7 @@ class PPOTrainer:
             "kl_coef": self.kl_ctl.value,
             "response_length": float(lengths.mean()),
             "eos_rate": float(
-                torch.tensor([bool(r) and r[-1] == self.tok.eos_token_id for r in ro.response_ids]).float().mean()
+                torch.tensor([bool(r) and r[-1] in self.stop_ids for r in ro.response_ids]).float().mean()
             ),
             "reward_length_corr": float(pearson(ro.raw_scores.cpu(), lengths.cpu())),
             "advantage_std": float(masked_mean(ro.advantages.square(), ro.response_mask).sqrt()),
