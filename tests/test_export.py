@@ -175,6 +175,9 @@ def test_exports_load_with_plain_transformers_and_reproduce_the_toolkit(run_dir,
     assert cli(capsys, "score", str(fp32_run), "--input", str(rows_file), "--output", str(scored))[0] == 0
     toolkit = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
     bias = float(load_file(str(run_dir / "reward" / "head.safetensors"))["bias"])
+    with capsys.disabled():
+        print(f"merged vs reference: max logit diff {plain['max_logit_diff']:.2e}; score head bias {bias:+.3e}")
+        print("reward export", plain["reward"], "toolkit", toolkit)
     assert plain["reward"] == pytest.approx([s - bias for s in toolkit], abs=1e-4)
     assert ("was dropped" in (exports["reward"] / "README.md").read_text()) == (bias != 0.0)
 

@@ -439,7 +439,7 @@ def model_card(
     base_id = info["name_or_path"] if on_hub else info.get("local_path") or info["name_or_path"]
     revision = info.get("revision") or "default branch"
     quant = info.get("quantization")
-    trained_on = f"{quant.upper()} 4-bit" if quant in ("nf4", "fp4") else (quant or "unquantized")
+    trained_on = {"nf4": "NF4 4-bit", "fp4": "FP4 4-bit", "int8": "int8 8-bit"}.get(quant, "unquantized")
     library = "peft" if kind == "adapter" else "transformers"
     lines = [
         "---",
@@ -456,8 +456,9 @@ def model_card(
         "",
         f"- Base model: `{info['name_or_path']}` (revision: {revision})"
         + (f", local folder `{info['local_path']}`" if info.get("local_path") else ""),
-        f"- Trained as a LoRA adapter on the base loaded {trained_on} (double quantization: "
-        f"{info.get('double_quant')}), compute dtype {info.get('compute_dtype')}.",
+        f"- Trained as a LoRA adapter on the base loaded {trained_on}"
+        + (f" (double quantization: {info.get('double_quant')})" if quant in ("nf4", "fp4") else "")
+        + f", compute dtype {info.get('compute_dtype')}.",
     ]
     if kind == "adapter":
         lines += [
