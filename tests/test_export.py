@@ -349,3 +349,41 @@ def test_a_failure_while_writing_leaves_nothing(run_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         export(run_dir, "reward", tmp_path / "out", dtype="fp32")
     assert entries(tmp_path) == set()
+
+
+def test_output_may_not_overwrite_the_run_or_a_stage(run_dir, capsys):
+    for target in (run_dir, run_dir / "sft", run_dir.parent):
+        rc, _, err = cli(capsys, "export", str(run_dir), "--stage", "sft", "--output", str(target), "--force")
+        assert rc == 2
+        assert_one_line(err, "would overwrite the run")
+    assert (run_dir / "sft" / "adapter_model.safetensors").is_file()
+
+
+def test_merged_bf16_is_the_fp32_merge_rounded_once(run_dir, exports, tmp_path):
+    """The default dtype: base + delta summed in fp32, then cast to bf16 (never merged into 4-bit weights)."""
+    from safetensors.torch import load_file
+
+    from lowmem_rlhf.stages.export import export
+
+    out = export(run_dir, "sft", tmp_path / "bf16", merge=True)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    bf16, fp32 = load_file(str(out / "model.safetensors")), load_file(str(exports["merged"] / "model.safetensors"))
+    assert set(bf16) == set(fp32) and all(t.dtype == torch.bfloat16 for t in bf16.values())
+    assert all(torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
+    base = load_file(
+        str(Path(json.loads((run_dir / "base_model.json").read_text())["local_path"]) / "model.safetensors")
+    )
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(fp32[q], base[q])  # the LoRA delta is in there
+
+
+def test_a_run_from_before_base_model_json_still_exports(run_dir, tmp_path, capsys):
+    run = tmp_path / "old_run"
+    shutil.copytree(
+        run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "base_model.json", "tokenizer*", "chat_*")
+    )
+    rc, _, err = cli(capsys, "export", str(run), "--stage", "sft", "--output", str(tmp_path / "out"))
+    assert rc == 0, err
+    a, b = tmp_path / "out", run_dir / "sft"
+    assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+    assert (a / "chat_template.jinja").read_text() == (run_dir / "chat_template.jinja").read_text()

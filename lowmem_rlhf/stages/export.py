@@ -75,10 +75,17 @@ def export(
             f"(`lowmem-rlhf {key} RECIPE` or `lowmem-rlhf run RECIPE`), then export"
         )
     output = Path(output)
-    if run.resolve() == output.resolve() or output.resolve() in run.resolve().parents:
-        raise UserError(f"--output {output} would replace the run folder {run}; choose a folder outside it")
+    target, stages = output.resolve(), [(run / d).resolve() for d in STAGE_DIRS.values()]
+    if (
+        target == run.resolve()
+        or target in run.resolve().parents
+        or any(s == target or s in target.parents for s in stages)
+    ):
+        raise UserError(f"--output {output} would overwrite the run {run} or one of its stages; choose another folder")
     if output.exists() and not force:
         raise UserError(f"{output} already exists; choose another --output or pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file, not a folder; choose another --output")
     merged = merge or stage == "reward"
     info = _base_info(run, cfg)
     base = locate_base(info, cfg, weights=merged)
@@ -321,6 +328,11 @@ def _export_reward(base: Path, files: list[str], stage_dir: Path, out: Path, dty
             bias,
             cls_name,
             bias,
+        )
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        logger.warning(
+            "export: the pad token is the EOS token, so transformers reads a padded sequence's reward before its "
+            "closing EOS, where the toolkit reads it at the EOS; score such sequences one at a time, unpadded"
         )
     score = head["weight"].reshape(1, -1)
     merge_shards(base, files, stage_dir, out, dtype, drop=("lm_head.weight",), extra={"score.weight": score})
