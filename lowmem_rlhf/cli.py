@@ -196,6 +196,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowmem_rlhf.stages.export import export
+
+    path = export(args.run_dir, args.stage, args.output, merge=args.merge, dtype=args.dtype, force=args.force)
+    print(f"export: done -> {path}")
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
     from lowmem_rlhf.model.memory import (
@@ -355,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "export",
+        help="write a finished stage as a standard Hugging Face folder (PEFT adapter, merged model, reward model)",
+        description="Exports a stage of a run: a PEFT adapter with the tokenizer, generation config and a model "
+        "card; with --merge a standalone model whose LoRA is merged into the 16/32-bit base (streamed shard by "
+        "shard); --stage reward gives a sequence classifier (num_labels=1). See docs/export.md.",
+    )
+    p.add_argument("run_dir", help="output_dir of a run")
+    p.add_argument("--stage", required=True, choices=["sft", "ppo", "dpo", "reward"], help="stage to export")
+    p.add_argument("--output", required=True, help="folder to write (must not exist unless --force)")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA into the base: a standalone model")
+    p.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights of a merged export (default: bf16)"
+    )
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

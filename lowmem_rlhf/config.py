@@ -326,7 +326,10 @@ class CompareConfig:
 class RecipeConfig:
     """A whole pipeline run: which stages, on which model, written where."""
 
-    output_dir: str = _f("runs/default", "Folder of the run: config.yaml, manifest.json and one folder per stage.")
+    output_dir: str = _f(
+        "runs/default",
+        "Folder of the run: config.yaml, manifest.json, base_model.json, the tokenizer and one folder per stage.",
+    )
     seed: int = _f(42, "Seed for data order, LoRA init, dropout and sampling.")
     stages: list[str] = _f(["sft"], f"Stages run by `lowmem-rlhf run`, in order; known: {', '.join(STAGES)}.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The frozen base model."})

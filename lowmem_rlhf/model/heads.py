@@ -39,8 +39,10 @@ class ScalarHead(nn.Module):
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | str = "cpu") -> ScalarHead:
-        """Load a saved head; a missing file is an error, never a silent re-initialisation."""
-        from safetensors import safe_open
+        """Load a saved head; a missing file is an error, never a silent re-initialisation.
+
+        A head file in the transformers layout (a `weight` and no bias) loads with a zero bias.
+        """
         from safetensors.torch import load_file
 
         path = Path(directory) / HEAD_FILE
@@ -50,8 +52,8 @@ class ScalarHead(nn.Module):
                 "the file was deleted. Re-run the stage that made it (with --force) instead of starting "
                 "from a random head"
             )
-        with safe_open(str(path), framework="pt") as f:
-            hidden_size = int(f.metadata()["hidden_size"])
-        head = cls(hidden_size)
-        head.linear.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        head = cls(state["weight"].shape[-1])
+        state.setdefault("bias", torch.zeros(1, dtype=torch.float32))
+        head.linear.load_state_dict(state)
         return head.to(device)

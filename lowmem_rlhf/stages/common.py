@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Stage name (recipe key, CLI command) -> its folder in output_dir.
 STAGE_DIRS = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo", "compare": "compare"}
+# The base model's identity and loading settings, beside config.yaml in output_dir.
+BASE_MODEL_FILE = "base_model.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -75,6 +79,44 @@ def finished_stage_dir(cfg: RecipeConfig, stage: str, needed_by: str) -> tuple[P
     return Path(cfg.output_dir) / STAGE_DIRS[stage], done
 
 
+def base_model_info(cfg: RecipeConfig) -> dict:
+    """What `base_model.json` records: the base's id, revision, local folder and how it was loaded."""
+    from lowmem_rlhf.model.loading import BUILTIN_TINY, quantization_config, resolve_device, resolve_dtype, resolve_path
+
+    mc = cfg.model
+    path = resolve_path(mc)
+    dtype = resolve_dtype(mc.compute_dtype, resolve_device(mc.device))
+    local = Path(path).resolve() if mc.name_or_path == BUILTIN_TINY or Path(path).is_dir() else None
+    bnb = quantization_config(mc, dtype)
+    return {
+        "name_or_path": mc.name_or_path,
+        "revision": mc.revision,
+        "local_path": str(local) if local is not None else None,
+        "quantization": mc.quantization,
+        "double_quant": mc.double_quant,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "quantization_config": bnb.to_dict() if bnb is not None else None,
+        "trust_remote_code": mc.trust_remote_code,
+    }
+
+
+def describe_run(cfg: RecipeConfig, out: Path) -> None:
+    """Save the tokenizer (pad token and chat template set) and `base_model.json` into `out`.
+
+    With them the run folder describes itself: `AutoTokenizer.from_pretrained(out)` gives the exact
+    tokenizer every stage used, and `export` knows which base (and quantization) the adapters belong to.
+    """
+    from lowmem_rlhf.model.loading import load_tokenizer
+
+    info = base_model_info(cfg)
+    tokenizer = load_tokenizer(cfg.model, info["local_path"] or cfg.model.name_or_path)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
+    atomic_write_json(out / BASE_MODEL_FILE, info)
+
+
 def begin_stage(cfg: RecipeConfig, stage: str, force: bool) -> tuple[Path, Manifest, bool]:
     """Prepare `output_dir/<stage>`; returns (stage_dir, manifest, already_finished).
 
@@ -86,6 +128,7 @@ def begin_stage(cfg: RecipeConfig, stage: str, force: bool) -> tuple[Path, Manif
         raise UserError(f"output_dir {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    describe_run(cfg, out)
     manifest = Manifest(out)
     stage_dir = out / STAGE_DIRS[stage]
     done = manifest.finished(stage)
