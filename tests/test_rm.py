@@ -60,7 +60,7 @@ def test_ranking_expands_to_all_pairs_weighted_once_per_prompt():
         ("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")
     ]  # fmt: skip
     assert sum(p.weight for p in pairs) == pytest.approx(1.0)
-    pairs, tied = expand_rows(
+    pairs, tied, _ = expand_rows(
         [row, {"prompt": "q", "responses": ["x", "y"]}, {"prompt": "r", "chosen": "1", "rejected": "2"}], "f"
     )
     assert len(pairs) == 6 + 1 + 1 and tied == 0
@@ -75,7 +75,7 @@ def test_ratings_drop_ties_and_carry_margins():
     assert got == sorted([("b", "a", 2.0), ("a", "d", 2.0), ("b", "c", 2.0), ("b", "d", 4.0), ("c", "d", 2.0)])
     assert sum(p.weight for p in pairs) == pytest.approx(1.0)
     assert normalize_preference_row({"prompt": "p", "responses": ["a", "b"], "scores": [2, 2]}, "f") == []
-    _, tied = expand_rows([{"prompt": "p", "responses": ["a", "b"], "scores": [2, 2]}], "f")
+    _, tied, _ = expand_rows([{"prompt": "p", "responses": ["a", "b"], "scores": [2, 2]}], "f")
     assert tied == 1
 
 
