@@ -324,7 +324,10 @@ class PPOConfig(_Checked):
     clip_range_value: float = _f(0.2, "Value clip range around the rollout's values.", range=POSITIVE)
     vf_coef: float = _f(0.5, "Weight of the value loss.", range=NON_NEGATIVE)
     entropy_coef: float = _f(
-        0.0, "Weight of the entropy bonus (sample estimate -log p of the chosen tokens).", range=NON_NEGATIVE
+        0.0,
+        "Weight of the entropy bonus: the per-token entropy of the policy's whole next-token distribution, "
+        "from the chunked logits.",
+        range=NON_NEGATIVE,
     )
     ptx_coef: float = _f(
         0.0, "PPO-ptx: weight of the SFT language-model loss mixed into each update (InstructGPT).", range=NON_NEGATIVE
