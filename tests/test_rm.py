@@ -291,3 +291,26 @@ def test_rm_kill_and_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch)
 def test_rm_from_sft_needs_a_finished_sft(tmp_path, tiny_path):
     with pytest.raises(UserError, match="needs the finished sft stage"):
         rm.run(rm_cfg(tmp_path / "empty"))
+
+
+def test_rm_init_from_fresh_starts_a_new_adapter_and_needs_no_sft(sft_run, tmp_path, monkeypatch):
+    start = {}
+    real = rm.train_reward
+
+    def spy(bank, *args, **kwargs):
+        start[len(start)] = bank.state_dict(rm.ROLE)
+        return real(bank, *args, **kwargs)
+
+    monkeypatch.setattr(rm, "train_reward", spy)
+    quick = {"max_steps": 1, "eval_dataset": None, "stats_samples": 4, "max_samples": 8}
+    rm.run(rm_cfg(copy_run(sft_run, tmp_path / "from_sft"), **quick))
+    rm.run(rm_cfg(tmp_path / "fresh", init_from="fresh", **quick))  # no sft stage in this folder
+    sft_weights = load_file(str(sft_run / "sft" / "adapter_model.safetensors"))
+    from_sft, fresh = start[0], start[1]
+    b_keys = [k for k in from_sft if "lora_B" in k]
+    assert b_keys and from_sft.keys() == fresh.keys()
+    assert all(fresh[k].abs().sum() == 0 for k in b_keys)  # a new LoRA starts as the identity ...
+    assert all(from_sft[k].abs().sum() > 0 for k in b_keys)  # ... the default starts from the SFT adapter
+    assert sorted(v.abs().sum().item() for k, v in from_sft.items() if "lora_B" in k) == pytest.approx(
+        sorted(v.abs().sum().item() for k, v in sft_weights.items() if "lora_B" in k)
+    )
