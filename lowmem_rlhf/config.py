@@ -231,14 +231,22 @@ class DPOConfig(TrainingConfig):
     label_smoothing: float = _f(
         0.0, "Assumed share of flipped labels for sigmoid (cDPO) and robust losses.", range=Range(0, 0.5, hi_open=True)
     )
-    length_normalize: bool = _f(
-        False, "Compare mean per-token log-probs instead of sums (length-normalised DPO/IPO, as in SimPO)."
+    length_normalize: Literal["auto"] | bool = _f(
+        "auto",
+        "Compare per-token log-ratios (each divided by its response's length) instead of sums; auto = per token "
+        "for ipo (TRL's form, which the IPO authors say their results used) and sums for the other losses; "
+        "false with ipo = the IPO paper's equation on summed log-probs. Logged rewards use sums either way.",
     )
     sft_coef: float = _f(
         0.0,
-        "RPO: add this times the chosen response's per-token NLL to each pair's loss (TRL's rpo_alpha); "
-        "keeps the chosen likelihood from falling.",
+        "RPO: add this times the chosen responses' NLL per token to the loss (TRL: loss_type [sigmoid, sft] with "
+        "this weight); keeps the chosen likelihood from falling.",
         range=NON_NEGATIVE,
+    )
+    sft_average: Literal["sequence", "tokens"] = _f(
+        "sequence",
+        "How RPO's NLL is averaged: sequence = each chosen response's mean NLL per token, weighted like its pair "
+        "(the RPO paper); tokens = pooled over every chosen token of a micro-batch (TRL's `sft` loss).",
     )
     precompute_ref_logprobs: bool = _f(
         False, "Compute every reference log-prob once before training instead of a reference pass per step."
