@@ -314,3 +314,23 @@ def test_rm_init_from_fresh_starts_a_new_adapter_and_needs_no_sft(sft_run, tmp_p
     assert sorted(v.abs().sum().item() for k, v in from_sft.items() if "lora_B" in k) == pytest.approx(
         sorted(v.abs().sum().item() for k, v in sft_weights.items() if "lora_B" in k)
     )
+
+
+def test_eval_accuracy_and_margin_are_weighted_like_the_loss(monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lowmem_rlhf.data.preference import PairExample
+
+    # each sequence is [1, score]: the stub reward model reads the score off the second token
+    monkeypatch.setattr(rm, "sequence_scores", lambda model, head, ids, mask: ids[:, 1].float())
+    bank = SimpleNamespace(head=lambda role: None, use=lambda role: nullcontext(), device=torch.device("cpu"))
+    ranking = [PairExample([1, c], [1, r], 1, 1, 1 / 3, 0.0) for c, r in ((9, 5), (9, 2), (5, 2))]  # all right
+    pair = PairExample([1, 3], [1, 7], 1, 1, 1.0, 0.0)  # wrong by 4
+    diag = rm.evaluate_pairs(bank, "reward", [*ranking, pair], 0, 2)
+    # two prompts, each counting once: the ranking's three right pairs weigh as much as the one wrong pair
+    assert diag["eval_accuracy"] == pytest.approx(0.5)  # unweighted it would be 3/4
+    assert diag["eval_margin"] == pytest.approx((1 / 3 * (4 + 7 + 3) - 4) / 2)
+    losses = [-math.log(1 / (1 + math.exp(-d))) for d in (4, 7, 3)]
+    assert diag["eval_loss"] == pytest.approx((sum(losses) / 3 - math.log(1 / (1 + math.exp(4)))) / 2, rel=1e-6)
+    assert diag["eval_pairs"] == 4
