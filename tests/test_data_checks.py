@@ -62,7 +62,8 @@ def test_hub_dataset_while_offline_fails_in_seconds_with_one_line(tmp_path):
     assert time.monotonic() - start < 30  # without the check: ~25 s of retries on a machine without network
     assert proc.stderr.strip().splitlines()[-1] == (
         "lowmem_rlhf.errors.UserError: data 'someone/some-data' (split 'train') is not a local file and not in the "
-        "local Hub cache, and HF_HUB_OFFLINE is set; give a local file, or run once online to cache it"
+        "local Hub cache, and HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set; give a local file, or run once online "
+        "to cache it"
     )
 
 
@@ -71,6 +72,7 @@ def test_unreachable_hub_is_found_in_well_under_a_second(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
     for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(key, raising=False)
     start = time.monotonic()

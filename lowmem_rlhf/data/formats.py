@@ -129,7 +129,7 @@ def _load_hub(name: str, split: str) -> list[dict]:
 
     from lowmem_rlhf.data.hub import OFFLINE, hub_unreachable
 
-    why = hub_unreachable()
+    why = OFFLINE if datasets.config.HF_HUB_OFFLINE else hub_unreachable()  # HF_DATASETS_OFFLINE counts too
     if why is not None and why != OFFLINE:
         raise UserError(
             f"data {name!r} is not a local file and the Hub cannot be reached: {why}; check the path, or the "
@@ -141,7 +141,7 @@ def _load_hub(name: str, split: str) -> list[dict]:
         if why == OFFLINE:
             raise UserError(
                 f"data {name!r} (split {split!r}) is not a local file and not in the local Hub cache, and "
-                "HF_HUB_OFFLINE is set; give a local file, or run once online to cache it"
+                "HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set; give a local file, or run once online to cache it"
             ) from None
         raise UserError(
             f"data {name!r} is neither a local file nor a loadable Hub dataset (split {split!r}): {e}".splitlines()[0]
