@@ -47,14 +47,17 @@ class Range:
         return lo_ok and hi_ok
 
     def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
         if self.hi is None:
             if self.lo == 0:
                 text = "positive" if self.lo_open else "0 or more"
             else:
-                text = f"{'above' if self.lo_open else 'at least'} {self.lo:g}"
+                text = f"{'above' if self.lo_open else 'at least'} {num(self.lo)}"
         else:
-            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        return text + "".join(f", or {v:g} ({meaning})" for v, meaning in self.also)
+            text = f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return text + "".join(f", or {num(v)} ({meaning})" for v, meaning in self.also)
 
 
 AT_LEAST_1 = Range(1)
@@ -396,7 +399,7 @@ class RecipeConfig(_Checked):
     """A whole pipeline run: which stages, on which model, written where."""
 
     output_dir: str = _f("runs/default", "Folder of the run: config.yaml, manifest.json and one folder per stage.")
-    seed: int = _f(42, "Seed for data order, LoRA init, dropout and sampling.")
+    seed: int = _f(42, "Seed for data order, LoRA init, dropout and sampling.", range=Range(0, 2**32 - 1))
     stages: list[str] = _f(["sft"], f"Stages run by `lowmem-rlhf run`, in order; known: {', '.join(STAGES)}.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The frozen base model."})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA adapter shape for every role."})
@@ -595,6 +598,7 @@ def markdown_reference() -> str:
         "# Recipe reference",
         "",
         "Generated from `lowmem_rlhf/config.py` by `python -m lowmem_rlhf.config`; do not edit by hand.",
+        "Every error message a recipe can cause is listed in [errors.md](errors.md).",
         "An unknown key, a value of the wrong type, a number outside its range (shown after its type) or a",
         "non-finite float is an error naming the key.",
         "",

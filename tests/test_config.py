@@ -116,6 +116,7 @@ def test_every_shipped_recipe_validates():
         ("compare.temperature=-1", "`compare.temperature` must be 0 or more, got -1.0"),
         ("dpo.label_smoothing=0.5", "`dpo.label_smoothing` must be in [0, 0.5), got 0.5"),
         ("sft.max_samples=0", "`sft.max_samples` must be at least 1, got 0"),
+        ("seed=-1", "`seed` must be in [0, 4294967295], got -1"),
     ],
 )
 def test_out_of_range_settings_name_the_key_and_the_file(tmp_path, override, message):

@@ -81,6 +81,7 @@ CASES: dict[str, tuple[dict[str, str | bytes], list[str]]] = {
     "`ppo.temperature: 0`": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "ppo.temperature=0"]),
     "`sft.save_total_limit: 0`": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "sft.save_total_limit=0"]),
     "`sft.max_steps: 0`": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "sft.max_steps=0"]),
+    "negative `seed`": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "seed=-1"]),
     "`sft.batch_size: 0`": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "sft.batch_size=0"]),
     "unknown metrics sink": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "sft.report_to=[tensorbord]"]),
     "`dpo.beta: 0`": ({"recipe.yaml": RECIPE}, ["show", "recipe.yaml", "dpo.beta=0"]),
