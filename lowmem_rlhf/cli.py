@@ -115,6 +115,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.data.chat import encode_prompt, to_messages
     from lowmem_rlhf.data.formats import load_rows
+    from lowmem_rlhf.data.hub import check_model_source
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.rollout.generate import SamplingConfig, generate
@@ -142,6 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts.append(row["prompt"])
     if not prompts:
         raise UserError("give at least one --prompt TEXT or a --prompts-file")
+    check_model_source(cfg.model.name_or_path, cfg.model.revision)
     stage_dir = run_dir / args.stage
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=False)
@@ -160,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from lowmem_rlhf.data.formats import load_rows
+    from lowmem_rlhf.data.hub import check_model_source
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.model.scoring import score_texts
@@ -180,6 +183,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         for key in ("prompt", "response"):
             if key not in row:
                 raise UserError(f"{name}, row {i}: missing field `{key}` (score input rows are {{prompt, response}})")
+    check_model_source(cfg.model.name_or_path, cfg.model.revision)
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=False)
     bank.add_role(ROLE, from_dir=reward_dir, head=True)

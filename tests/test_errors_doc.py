@@ -36,9 +36,9 @@ def parquet_bytes() -> bytes:
     return buf.getvalue()
 
 
-def run_folder(stages: dict) -> dict:
+def run_folder(stages: dict, model: str = "builtin:tiny") -> dict:
     """A run folder as a finished run leaves it, without any weights: config.yaml and manifest.json."""
-    cfg = dump_yaml(config_from_dict({"output_dir": "run", "model": {"device": "cpu"}}))
+    cfg = dump_yaml(config_from_dict({"output_dir": "run", "model": {"device": "cpu", "name_or_path": model}}))
     return {"run/config.yaml": cfg, "run/manifest.json": json.dumps({"stages": stages})}
 
 
@@ -180,6 +180,10 @@ CASES: dict[str, tuple[dict[str, str | bytes], list[str]]] = {
         ["generate", "run", "--stage", "ppo", "--prompt", "hi"],
     ),
     "`generate` without prompts": (run_folder({"sft": {}}), ["generate", "run"]),
+    "`generate` from a run of a Hub model, Hub unreachable": (
+        run_folder({"sft": {}}, model="someone/some-model"),
+        ["generate", "run", "--prompt", "hi"],
+    ),
     "`score` a run without a reward model": (
         run_folder({"sft": {}}),
         ["score", "run", "--input", "rows.jsonl", "--output", "scored.jsonl"],
