@@ -11,10 +11,12 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from lowmem_rlhf import __version__
 from lowmem_rlhf.errors import UserError
 
+POLICY_STAGES = ("sft", "ppo", "dpo")  # stages whose folder holds a policy adapter to sample from
 STAGE_COMMANDS = {
     "sft": "lowmem_rlhf.stages.sft",
     "rm": "lowmem_rlhf.stages.rm",
@@ -43,10 +45,20 @@ def _stage_module(name: str):
     return importlib.import_module(STAGE_COMMANDS[name])
 
 
+def check_run_inputs(cfg) -> None:
+    """What can be checked before a model loads: the output folder is writable, the model can be fetched."""
+    from lowmem_rlhf.data.hub import check_model_source
+    from lowmem_rlhf.train.io import ensure_writable_dir
+
+    ensure_writable_dir(cfg.output_dir, "output_dir")
+    check_model_source(cfg.model.name_or_path, cfg.model.revision)
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    check_run_inputs(cfg)
     path = _stage_module(args.command).run(cfg, force=args.force)
     print(f"{args.command}: done -> {path}")
     return 0
@@ -56,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    check_run_inputs(cfg)
     for stage in cfg.stages:
         logging.getLogger(__name__).info("== stage %s ==", stage)
         path = _stage_module(stage).run(cfg, force=args.force)
@@ -102,12 +115,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.data.chat import encode_prompt, end_of_turn_ids, to_messages
     from lowmem_rlhf.data.formats import load_rows
+    from lowmem_rlhf.data.hub import check_model_source
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-    from lowmem_rlhf.stages.common import read_run
+    from lowmem_rlhf.stages.common import Manifest, read_run
 
     run_dir, cfg = read_run(args.run_dir)
+    if args.stage not in POLICY_STAGES:
+        hint = "; the reward model scores, use `lowmem-rlhf score`" if args.stage in ("rm", "reward") else ""
+        raise UserError(
+            f"--stage {args.stage}: not a stage with a policy to sample; use one of {', '.join(POLICY_STAGES)}{hint}"
+        )
+    finished = Manifest(run_dir).data["stages"]
+    if args.stage not in finished:
+        done = ", ".join(s for s in POLICY_STAGES if s in finished) or "none"
+        raise UserError(
+            f"--stage {args.stage}: {run_dir} has no finished {args.stage} stage (finished policies: {done}); "
+            "run that stage first or pick a finished one"
+        )
     prompts = list(args.prompt or [])
     if args.prompts_file:
         rows, name = load_rows(args.prompts_file)
@@ -117,6 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts.append(row["prompt"])
     if not prompts:
         raise UserError("give at least one --prompt TEXT or a --prompts-file")
+    check_model_source(cfg.model.name_or_path, cfg.model.revision)
     stage_dir = run_dir / args.stage
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=False)
@@ -135,20 +162,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from lowmem_rlhf.data.formats import load_rows
+    from lowmem_rlhf.data.hub import check_model_source
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.model.scoring import score_texts
     from lowmem_rlhf.stages.common import read_run
     from lowmem_rlhf.stages.rm import ROLE, STATS_FILE
-    from lowmem_rlhf.train.io import atomic_write_text
+    from lowmem_rlhf.train.io import atomic_write_text, ensure_writable_dir
 
     run, cfg = read_run(args.run_dir)
     reward_dir = run / "reward"
+    if not (reward_dir / "adapter_config.json").is_file():
+        raise UserError(f"{run} has no reward model ({reward_dir} holds no adapter); run its rm stage first")
+    output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give the path of a .jsonl file to write")
+    ensure_writable_dir(output.parent, f"--output {output}: folder")
     rows, name = load_rows(args.input)
     for i, row in enumerate(rows, start=1):
         for key in ("prompt", "response"):
             if key not in row:
                 raise UserError(f"{name}, row {i}: missing field `{key}` (score input rows are {{prompt, response}})")
+    check_model_source(cfg.model.name_or_path, cfg.model.revision)
     model, tokenizer = load_base(cfg.model)
     bank = AdapterBank(model, gradient_checkpointing=False)
     bank.add_role(ROLE, from_dir=reward_dir, head=True)
@@ -178,6 +213,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lowmem_rlhf.stages.compare import compare_runs, open_run
+    from lowmem_rlhf.train.io import ensure_writable_dir
 
     first = open_run(args.run_dirs[0])
     given = {
@@ -192,7 +228,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     }
     cc = dataclasses.replace(first.cfg.compare, runs=[], **{k: v for k, v in given.items() if v is not None})
     seed = first.cfg.seed if args.seed is None else args.seed
-    compare_runs(args.run_dirs, cc, seed, args.output or first.path / "compare")
+    output = ensure_writable_dir(args.output or first.path / "compare", "--output")
+    compare_runs(args.run_dirs, cc, seed, output)
     return 0
 
 

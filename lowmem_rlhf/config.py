@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,15 +26,78 @@ STAGES = ("sft", "rm", "ppo", "dpo", "compare")
 REPORT_SINKS = ("tensorboard", "wandb")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its documentation; mutable defaults are copied per instance."""
+@dataclass(frozen=True)
+class Range:
+    """The values a number field accepts: [lo, hi] (an end `open` is excluded; None = unbounded), plus `also`.
+
+    `also` maps special values outside the range to what they mean (max_steps: -1 = num_epochs passes).
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[tuple[float, str], ...] = ()
+
+    def __contains__(self, value: float) -> bool:
+        if any(value == v for v, _ in self.also):
+            return True
+        lo_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        hi_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.hi is None:
+            if self.lo == 0:
+                text = "positive" if self.lo_open else "0 or more"
+            else:
+                text = f"{'above' if self.lo_open else 'at least'} {num(self.lo)}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return text + "".join(f", or {num(v)} ({meaning})" for v, meaning in self.also)
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, lo_open=True)
+UNIT = Range(0, 1)
+
+
+def _f(default: Any, help: str, range: Range | None = None, **kw: Any) -> Any:
+    """A dataclass field with its documentation and, for numbers, the values it accepts (checked on load).
+
+    Mutable defaults are copied per instance.
+    """
+    metadata = {"help": help, "range": range}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+class _Checked:
+    """Checks every field's value against its Range, and that floats are finite, when a section is built.
+
+    The one place single-field bounds are enforced; a section's own __post_init__ adds the checks that
+    involve several fields, after calling this one.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"`{f.name}` must be a finite number, got {value}")
+            bounds = f.metadata.get("range")
+            if bounds is not None and value not in bounds:
+                raise UserError(f"`{f.name}` must be {bounds}, got {value!r}")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     """The base model, loaded once, frozen and (by default) quantized to 4-bit NF4."""
 
     name_or_path: str = _f(
@@ -59,51 +123,54 @@ class ModelConfig:
         1024,
         "Tokens (over the whole batch) per chunk when computing log-probs, so full fp32 logits are never "
         "materialised: a chunk's logits take this x vocab x 4 bytes.",
+        range=AT_LEAST_1,
     )
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(_Checked):
     """The LoRA adapters that every role (policy, reference, reward, value) is made of."""
 
-    r: int = _f(16, "LoRA rank.")
-    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = _f(0.05, "LoRA dropout while training (always off during rollout and scoring).")
+    r: int = _f(16, "LoRA rank.", range=AT_LEAST_1)
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).", range=POSITIVE)
+    dropout: float = _f(
+        0.05, "LoRA dropout while training (always off during rollout and scoring).", range=Range(0, 1, hi_open=True)
+    )
     target_modules: list[str] | str = _f(
         "all-linear", "Module names to adapt, or `all-linear` for every linear layer except the output head."
     )
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(_Checked):
     """Optimisation settings shared by the supervised stages (SFT, reward model, DPO)."""
 
-    learning_rate: float = _f(2e-4, "Peak learning rate.")
-    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Optimizer steps to run; -1 means num_epochs passes.")
-    batch_size: int = _f(4, "Examples per micro-batch (one forward/backward).")
-    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.", range=POSITIVE)
+    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).", range=POSITIVE)
+    max_steps: int = _f(
+        -1, "Optimizer steps to run; -1 means num_epochs passes.", range=Range(1, also=((-1, "num_epochs passes"),))
+    )
+    batch_size: int = _f(4, "Examples per micro-batch (one forward/backward).", range=AT_LEAST_1)
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.", range=AT_LEAST_1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")
-    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up from 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up from 0.", range=UNIT)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", range=NON_NEGATIVE)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", range=NON_NEGATIVE)
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
         "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
     )
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
-    logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
-    eval_steps: int = _f(0, "Evaluate every N optimizer steps; 0 = only at the end.")
-    save_steps: int = _f(50, "Save a resumable checkpoint every N optimizer steps; 0 = only at the end.")
-    save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).")
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps.", range=AT_LEAST_1)
+    eval_steps: int = _f(0, "Evaluate every N optimizer steps; 0 = only at the end.", range=NON_NEGATIVE)
+    save_steps: int = _f(
+        50, "Save a resumable checkpoint every N optimizer steps; 0 = only at the end.", range=NON_NEGATIVE
+    )
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).", range=AT_LEAST_1)
     report_to: list[str] = _f([], "Extra metric sinks besides metrics.jsonl: tensorboard, wandb.")
-    max_samples: int | None = _f(None, "Use only the first N training rows (quick experiments).")
+    max_samples: int | None = _f(None, "Use only the first N training rows (quick experiments).", range=AT_LEAST_1)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, key) < 1:
-                raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            raise UserError(f"`learning_rate` must be positive, got {self.learning_rate}")
+        super().__post_init__()
         for sink in self.report_to:
             if sink not in REPORT_SINKS:
                 raise UserError(f"`report_to` has unknown sink {sink!r}; use any of {', '.join(REPORT_SINKS)}")
@@ -121,7 +188,9 @@ class SFTConfig(TrainingConfig):
     dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
     eval_dataset: str | None = _f(None, "Held-out data in the same formats, for eval loss.")
     eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
-    max_length: int = _f(1024, "Longest tokenised example; longer ones are truncated (see docs/data.md).")
+    max_length: int = _f(
+        1024, "Longest tokenised example; longer ones are truncated (see docs/data.md).", range=Range(2)
+    )
 
 
 @dataclass
@@ -136,13 +205,17 @@ class RewardConfig(TrainingConfig):
     dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
     eval_dataset: str | None = _f(None, "Held-out preferences for accuracy, margin and length-bias diagnostics.")
     eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
-    max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.")
+    max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.", range=Range(2))
     init_from: Literal["sft", "fresh"] = _f(
         "sft", "Start the reward adapter from the SFT adapter of this run (InstructGPT) or from a fresh LoRA."
     )
     use_margin: bool = _f(False, "Subtract each pair's margin (rating difference) inside the sigmoid (Llama 2).")
-    center_coef: float = _f(0.0, "Weight of the reward-centring term coef * (r_chosen + r_rejected)^2.")
-    stats_samples: int = _f(2000, "Training responses scored after training for the reward mean/std PPO uses.")
+    center_coef: float = _f(
+        0.0, "Weight of the reward-centring term coef * (r_chosen + r_rejected)^2.", range=NON_NEGATIVE
+    )
+    stats_samples: int = _f(
+        2000, "Training responses scored after training for the reward mean/std PPO uses.", range=AT_LEAST_1
+    )
 
 
 @dataclass
@@ -153,48 +226,52 @@ class DPOConfig(TrainingConfig):
     dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
     eval_dataset: str | None = _f(None, "Held-out preferences for eval loss, accuracy and margins.")
     eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
-    max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.")
-    beta: float = _f(0.1, "Strength of the implicit KL constraint to the reference.")
+    max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.", range=Range(2))
+    beta: float = _f(0.1, "Strength of the implicit KL constraint to the reference.", range=POSITIVE)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = _f(
         "sigmoid", "sigmoid (DPO), ipo, hinge (SLiC) or robust (noise-robust DPO)."
     )
-    label_smoothing: float = _f(0.0, "Assumed share of flipped labels for sigmoid (cDPO) and robust losses.")
-    length_normalize: bool = _f(
-        False, "Compare mean per-token log-probs instead of sums (length-normalised DPO/IPO, as in SimPO)."
+    label_smoothing: float = _f(
+        0.0, "Assumed share of flipped labels for sigmoid (cDPO) and robust losses.", range=Range(0, 0.5, hi_open=True)
+    )
+    length_normalize: Literal["auto"] | bool = _f(
+        "auto",
+        "Compare per-token log-ratios (each divided by its response's length) instead of sums; auto = per token "
+        "for ipo (TRL's form, which the IPO authors say their results used) and sums for the other losses; "
+        "false with ipo = the IPO paper's equation on summed log-probs. Logged rewards use sums either way.",
     )
     sft_coef: float = _f(
         0.0,
-        "RPO: add this times the chosen response's per-token NLL to each pair's loss (TRL's rpo_alpha); "
-        "keeps the chosen likelihood from falling.",
+        "RPO: add this times the chosen responses' NLL per token to the loss (TRL: loss_type [sigmoid, sft] with "
+        "this weight); keeps the chosen likelihood from falling.",
+        range=NON_NEGATIVE,
+    )
+    sft_average: Literal["sequence", "tokens"] = _f(
+        "sequence",
+        "How RPO's NLL is averaged: sequence = each chosen response's mean NLL per token, weighted like its pair "
+        "(the RPO paper); tokens = pooled over every chosen token of a micro-batch (TRL's `sft` loss).",
     )
     precompute_ref_logprobs: bool = _f(
         False, "Compute every reference log-prob once before training instead of a reference pass per step."
     )
     kl_samples: int = _f(
-        64, "Prompts sampled at each evaluation (and at the end) to measure the policy's KL to the reference (0 = off)."
+        64,
+        "Prompts sampled at each evaluation (and at the end) to measure the policy's KL to the reference (0 = off).",
+        range=NON_NEGATIVE,
     )
-    max_new_tokens: int = _f(64, "Longest response sampled for the KL measurement.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta <= 0:
-            raise UserError(f"`beta` must be positive, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"`label_smoothing` must be in [0, 0.5), got {self.label_smoothing}")
-        if self.sft_coef < 0:
-            raise UserError(f"`sft_coef` must be 0 or positive, got {self.sft_coef}")
+    max_new_tokens: int = _f(64, "Longest response sampled for the KL measurement.", range=AT_LEAST_1)
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(_Checked):
     """RL on one backbone: PPO with a critic (GAE) or critic-free GRPO / RLOO / ReMax."""
 
     dataset: str | None = _f(None, "RL prompts: rows {prompt} (text or messages) or {messages}, same sources as sft.")
     dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
     eval_dataset: str | None = _f(None, "Held-out prompts sampled before and after training for the final report.")
     eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
-    eval_samples: int = _f(64, "Held-out prompts used for the before/after report (0 = none).")
-    max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.")
+    eval_samples: int = _f(64, "Held-out prompts used for the before/after report (0 = none).", range=NON_NEGATIVE)
+    max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.", range=AT_LEAST_1)
     advantage: Literal["gae", "grpo", "rloo", "remax"] = _f(
         "gae", "gae = PPO with a critic; grpo / rloo / remax drop the value model and its memory."
     )
@@ -202,26 +279,31 @@ class PPOConfig:
         "separate",
         "separate = value LoRA initialised from the reward adapter; shared = a value head on the policy adapter.",
     )
-    num_steps: int = _f(100, "PPO iterations (rollout + update).")
-    rollout_batch_size: int = _f(16, "Prompts per iteration.")
-    group_size: int = _f(4, "Samples per prompt for grpo and rloo (gae and remax use 1 sample + remax's greedy).")
-    mini_batch_size: int = _f(8, "Sequences per optimizer step within a PPO epoch.")
-    micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation inside a minibatch).")
-    ppo_epochs: int = _f(2, "Passes over each rollout.")
-    learning_rate: float = _f(1e-4, "Learning rate of the policy (and value) adapters.")
+    num_steps: int = _f(100, "PPO iterations (rollout + update).", range=AT_LEAST_1)
+    rollout_batch_size: int = _f(16, "Prompts per iteration.", range=AT_LEAST_1)
+    group_size: int = _f(
+        4, "Samples per prompt for grpo and rloo (gae and remax use 1 sample + remax's greedy).", range=AT_LEAST_1
+    )
+    mini_batch_size: int = _f(8, "Sequences per optimizer step within a PPO epoch.", range=AT_LEAST_1)
+    micro_batch_size: int = _f(
+        8, "Sequences per forward/backward (gradient accumulation inside a minibatch).", range=AT_LEAST_1
+    )
+    ppo_epochs: int = _f(2, "Passes over each rollout.", range=AT_LEAST_1)
+    learning_rate: float = _f(1e-4, "Learning rate of the policy (and value) adapters.", range=POSITIVE)
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f("constant", "Learning-rate schedule after warmup.")
-    warmup_ratio: float = _f(0.0, "Fraction of the optimizer steps spent warming up.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.0, "Fraction of the optimizer steps spent warming up.", range=UNIT)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", range=NON_NEGATIVE)
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
         "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
     )
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", range=NON_NEGATIVE)
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
-    max_new_tokens: int = _f(64, "Longest response generated.")
+    max_new_tokens: int = _f(64, "Longest response generated.", range=AT_LEAST_1)
     generation_batch_size: int = _f(
         0,
         "Sequences per generate call in a rollout; 0 = the whole rollout at once. Smaller bounds the KV cache, "
         "larger decodes faster.",
+        range=NON_NEGATIVE,
     )
     generation_cache: Literal["dynamic", "static"] = _f(
         "dynamic",
@@ -231,51 +313,47 @@ class PPOConfig:
     compile_generation: bool = _f(
         False, "torch.compile the rollout's decode step (needs generation_cache: static); the first rollout compiles."
     )
-    temperature: float = _f(1.0, "Sampling temperature, also used for every log-prob of the policy (pitfall 6).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold.")
-    top_k: int = _f(0, "Top-k sampling; 0 = off.")
-    kl_coef: float = _f(0.05, "Initial KL penalty coefficient beta.")
+    temperature: float = _f(
+        1.0, "Sampling temperature, also used for every log-prob of the policy (pitfall 6).", range=POSITIVE
+    )
+    top_p: float = _f(1.0, "Nucleus sampling threshold.", range=Range(0, 1, lo_open=True))
+    top_k: int = _f(0, "Top-k sampling; 0 = off.", range=NON_NEGATIVE)
+    kl_coef: float = _f(0.05, "Initial KL penalty coefficient beta.", range=NON_NEGATIVE)
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k1", "Per-token KL(policy || reference) estimator in the reward.")
     adaptive_kl: bool = _f(False, "Adapt beta towards target_kl (Ziegler et al. 2019) instead of keeping it fixed.")
-    target_kl: float = _f(6.0, "Target KL (sum over a response) of the adaptive controller.")
-    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples.")
+    target_kl: float = _f(6.0, "Target KL (sum over a response) of the adaptive controller.", range=POSITIVE)
+    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples.", range=AT_LEAST_1)
     normalize_reward: bool = _f(True, "Standardise reward-model scores with the RM's training mean/std.")
-    missing_eos_penalty: float = _f(0.0, "Subtracted from the score of a response that did not end with EOS.")
+    missing_eos_penalty: float = _f(
+        0.0, "Subtracted from the score of a response that did not end with EOS.", range=NON_NEGATIVE
+    )
     length_penalty: float = _f(0.0, "Subtracted from the score per response token.")
-    gamma: float = _f(1.0, "GAE discount.")
-    lam: float = _f(0.95, "GAE lambda.")
+    gamma: float = _f(1.0, "GAE discount.", range=UNIT)
+    lam: float = _f(0.95, "GAE lambda.", range=UNIT)
     whiten_advantages: bool = _f(True, "Standardise advantages over each rollout.")
-    clip_range: float = _f(0.2, "PPO ratio clip epsilon.")
-    clip_range_value: float = _f(0.2, "Value clip range around the rollout's values.")
-    vf_coef: float = _f(0.5, "Weight of the value loss.")
-    entropy_coef: float = _f(0.0, "Weight of the entropy bonus (sample estimate -log p of the chosen tokens).")
-    ptx_coef: float = _f(0.0, "PPO-ptx: weight of the SFT language-model loss mixed into each update (InstructGPT).")
+    clip_range: float = _f(0.2, "PPO ratio clip epsilon.", range=POSITIVE)
+    clip_range_value: float = _f(0.2, "Value clip range around the rollout's values.", range=POSITIVE)
+    vf_coef: float = _f(0.5, "Weight of the value loss.", range=NON_NEGATIVE)
+    entropy_coef: float = _f(
+        0.0,
+        "Weight of the entropy bonus: the per-token entropy of the policy's whole next-token distribution, "
+        "from the chunked logits.",
+        range=NON_NEGATIVE,
+    )
+    ptx_coef: float = _f(
+        0.0, "PPO-ptx: weight of the SFT language-model loss mixed into each update (InstructGPT).", range=NON_NEGATIVE
+    )
     ptx_dataset: str | None = _f(None, "SFT-format data for PPO-ptx; defaults to sft.dataset.")
-    logging_steps: int = _f(1, "Log metrics every N iterations.")
-    sample_log_steps: int = _f(10, "Write a table of sample prompt/response/reward every N iterations.")
-    save_steps: int = _f(10, "Save a resumable checkpoint every N iterations; 0 = only at the end.")
-    save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).")
+    logging_steps: int = _f(1, "Log metrics every N iterations.", range=AT_LEAST_1)
+    sample_log_steps: int = _f(
+        10, "Write a table of sample prompt/response/reward every N iterations.", range=AT_LEAST_1
+    )
+    save_steps: int = _f(10, "Save a resumable checkpoint every N iterations; 0 = only at the end.", range=NON_NEGATIVE)
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (oldest deleted first).", range=AT_LEAST_1)
     report_to: list[str] = _f([], "Extra metric sinks besides metrics.jsonl: tensorboard, wandb.")
 
     def __post_init__(self) -> None:
-        for key in (
-            "num_steps",
-            "rollout_batch_size",
-            "group_size",
-            "mini_batch_size",
-            "micro_batch_size",
-            "ppo_epochs",
-            "max_new_tokens",
-            "logging_steps",
-        ):
-            if getattr(self, key) < 1:
-                raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
-        if self.temperature <= 0:
-            raise UserError(f"`temperature` must be positive for RL sampling, got {self.temperature}")
-        if self.generation_batch_size < 0:
-            raise UserError(
-                f"`generation_batch_size` must be 0 (the whole rollout) or positive, got {self.generation_batch_size}"
-            )
+        super().__post_init__()
         if self.compile_generation and self.generation_cache != "static":
             raise UserError(
                 "`compile_generation: true` needs `generation_cache: static` (compiled steps need fixed shapes)"
@@ -293,44 +371,38 @@ class PPOConfig:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(_Checked):
     """`compare`: sample SFT and every trained policy on the same held-out prompts, score and report."""
 
     prompts: str | None = _f(
         None, "Held-out prompts ({prompt} or {messages} rows), same sources as sft; null = ppo.eval_dataset."
     )
     split: str = _f("test", "Split to use when `prompts` is a Hub dataset id.")
-    num_prompts: int = _f(128, "Use the first N prompts (0 = all).")
-    max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.")
-    max_new_tokens: int = _f(64, "Longest response sampled.")
-    temperature: float = _f(1.0, "Sampling temperature for every policy (0 = greedy).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold.")
-    top_k: int = _f(0, "Top-k sampling; 0 = off.")
-    batch_size: int = _f(64, "Prompts per generation / scoring batch.")
+    num_prompts: int = _f(128, "Use the first N prompts (0 = all).", range=NON_NEGATIVE)
+    max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.", range=AT_LEAST_1)
+    max_new_tokens: int = _f(64, "Longest response sampled.", range=AT_LEAST_1)
+    temperature: float = _f(1.0, "Sampling temperature for every policy (0 = greedy).", range=NON_NEGATIVE)
+    top_p: float = _f(1.0, "Nucleus sampling threshold.", range=Range(0, 1, lo_open=True))
+    top_k: int = _f(0, "Top-k sampling; 0 = off.", range=NON_NEGATIVE)
+    batch_size: int = _f(64, "Prompts per generation / scoring batch.", range=AT_LEAST_1)
     runs: list[str] = _f([], "Other run folders whose finished ppo and dpo policies join this run's in the report.")
     reward_from: str | None = _f(
         None, "Run folder whose reward model scores every sample; null = each run's own (runs without one get none)."
     )
 
     def __post_init__(self) -> None:
-        for key in ("max_new_tokens", "batch_size", "max_prompt_length"):
-            if getattr(self, key) < 1:
-                raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
-        if self.num_prompts < 0:
-            raise UserError(f"`num_prompts` must be 0 (all) or more, got {self.num_prompts}")
-        if self.temperature < 0:
-            raise UserError(f"`temperature` must be 0 (greedy) or positive, got {self.temperature}")
+        super().__post_init__()
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(_Checked):
     """A whole pipeline run: which stages, on which model, written where."""
 
     output_dir: str = _f(
         "runs/default",
         "Folder of the run: config.yaml, manifest.json, base_model.json, the tokenizer and one folder per stage.",
     )
-    seed: int = _f(42, "Seed for data order, LoRA init, dropout and sampling.")
+    seed: int = _f(42, "Seed for data order, LoRA init, dropout and sampling.", range=Range(0, 2**32 - 1))
     stages: list[str] = _f(["sft"], f"Stages run by `lowmem-rlhf run`, in order; known: {', '.join(STAGES)}.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The frozen base model."})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA adapter shape for every role."})
@@ -343,6 +415,9 @@ class RecipeConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.stages:
+            raise UserError(f"`stages` is empty; list at least one of {', '.join(STAGES)}")
         for stage in self.stages:
             if stage not in STAGES:
                 raise UserError(f"stages: unknown stage {stage!r}; known stages are {', '.join(STAGES)}")
@@ -526,7 +601,9 @@ def markdown_reference() -> str:
         "# Recipe reference",
         "",
         "Generated from `lowmem_rlhf/config.py` by `python -m lowmem_rlhf.config`; do not edit by hand.",
-        "An unknown key or a value of the wrong type is an error.",
+        "Every error message a recipe can cause is listed in [errors.md](errors.md).",
+        "An unknown key, a value of the wrong type, a number outside its range (shown after its type) or a",
+        "non-finite float is an error naming the key.",
         "",
     ]
 
@@ -550,7 +627,9 @@ def markdown_reference() -> str:
                 lines.append(f"| `{prefix}{f.name}` | section | | {f.metadata['help']} |")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` | {f.metadata['help']} |")
+            bounds = f.metadata.get("range")
+            kind = _type_name(tp) + (f", {bounds}" if bounds is not None else "")
+            lines.append(f"| `{prefix}{f.name}` | {kind} | `{default!r}` | {f.metadata['help']} |")
         lines.append("")
         for tp, p in nested:
             section(tp, p, p.rstrip("."))

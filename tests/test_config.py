@@ -86,3 +86,50 @@ def test_every_shipped_recipe_validates():
     recipes = sorted(str(p) for p in (REPO / "recipes").rglob("*.yaml"))
     assert recipes
     assert main(["validate", *recipes]) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sft.max_length=0", "`sft.max_length` must be at least 2, got 0"),
+        ("rm.max_length=-5", "`rm.max_length` must be at least 2, got -5"),
+        ("lora.r=0", "`lora.r` must be at least 1, got 0"),
+        ("sft.learning_rate=-1e-4", "`sft.learning_rate` must be positive, got -0.0001"),
+        ("ppo.learning_rate=.nan", "`ppo.learning_rate` must be a finite number, got nan"),
+        ("dpo.learning_rate=inf", "`dpo.learning_rate` must be a finite number, got inf"),
+        ("sft.warmup_ratio=1.5", "`sft.warmup_ratio` must be in [0, 1], got 1.5"),
+        ("ppo.warmup_ratio=-0.1", "`ppo.warmup_ratio` must be in [0, 1], got -0.1"),
+        ("ppo.clip_range=-0.2", "`ppo.clip_range` must be positive, got -0.2"),
+        ("ppo.clip_range_value=-1", "`ppo.clip_range_value` must be positive, got -1.0"),
+        ("lora.dropout=1", "`lora.dropout` must be in [0, 1), got 1.0"),
+        ("lora.dropout=-0.1", "`lora.dropout` must be in [0, 1), got -0.1"),
+        ("ppo.top_p=0", "`ppo.top_p` must be in (0, 1], got 0.0"),
+        ("compare.top_p=1.2", "`compare.top_p` must be in (0, 1], got 1.2"),
+        ("sft.save_total_limit=0", "`sft.save_total_limit` must be at least 1, got 0"),
+        ("ppo.save_total_limit=0", "`ppo.save_total_limit` must be at least 1, got 0"),
+        ("stages=[]", "`stages` is empty; list at least one of sft, rm, ppo, dpo, compare"),
+        ("sft.max_steps=0", "`sft.max_steps` must be at least 1, or -1 (num_epochs passes), got 0"),
+        ("sft.max_steps=-2", "`sft.max_steps` must be at least 1, or -1 (num_epochs passes), got -2"),
+        ("sft.num_epochs=0", "`sft.num_epochs` must be positive, got 0.0"),
+        ("ppo.length_penalty=.inf", "`ppo.length_penalty` must be a finite number, got inf"),
+        ("ppo.temperature=0", "`ppo.temperature` must be positive, got 0.0"),
+        ("compare.temperature=-1", "`compare.temperature` must be 0 or more, got -1.0"),
+        ("dpo.label_smoothing=0.5", "`dpo.label_smoothing` must be in [0, 0.5), got 0.5"),
+        ("sft.max_samples=0", "`sft.max_samples` must be at least 1, got 0"),
+        ("seed=-1", "`seed` must be in [0, 4294967295], got -1"),
+    ],
+)
+def test_out_of_range_settings_name_the_key_and_the_file(tmp_path, override, message):
+    p = write(tmp_path, "output_dir: x\n")
+    with pytest.raises(UserError) as e:
+        load_config(p, [override])
+    assert str(e.value) == f"recipe {p} (with overrides): {message}"
+
+
+def test_range_edges_and_special_values_are_accepted(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "output_dir: x\n"),
+        ["sft.max_steps=-1", "sft.warmup_ratio=1", "lora.dropout=0", "ppo.top_p=1", "compare.temperature=0"],
+    )
+    assert (cfg.sft.max_steps, cfg.sft.warmup_ratio, cfg.lora.dropout, cfg.ppo.top_p) == (-1, 1.0, 0.0, 1.0)
+    assert load_config(write(tmp_path, "sft:\n  max_steps: 1\n  max_length: 2\n")).sft.max_steps == 1

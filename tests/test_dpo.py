@@ -168,3 +168,69 @@ def test_dpo_kill_and_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch
 def test_dpo_needs_sft(tmp_path, tiny_path):
     with pytest.raises(UserError, match="needs the finished sft stage"):
         dpo.run(config_from_dict(recipe(tmp_path / "none")))
+
+
+def trl_dpo(per_token: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor, beta: float, loss_types, weights=None):
+    """TRL 1.x's DPOTrainer loss and logged rewards on hand-made per-token log-probs (its own code, a stub model)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    t = DPOTrainer.__new__(DPOTrainer)
+    t.model = SimpleNamespace(training=True)
+    t.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    t.beta, t.loss_types, t.loss_weights = beta, loss_types, weights or [1.0] * len(loss_types)
+    t.ld_alpha, t.f_divergence_type, t.aux_loss_enabled, t.use_weighting = None, "reverse_kl", False, False
+    t.precompute_ref_logps, t._tp_size, t._total_train_tokens = True, 1, 0
+    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    zeros = torch.zeros_like(per_token)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    n = len(ref) // 2
+    inputs = {
+        "input_ids": torch.zeros_like(mask, dtype=torch.long),
+        "attention_mask": torch.ones_like(mask),
+        "completion_mask": mask.long(),
+        "ref_chosen_logps": ref[:n],
+        "ref_rejected_logps": ref[n:],
+    }
+    loss = t._compute_loss(lambda **kw: outputs, inputs, return_outputs=False)
+    return float(loss), t._metrics["train"]["rewards/chosen"][-1], t._metrics["train"]["rewards/margins"][-1]
+
+
+def test_ipo_and_rpo_match_trl_on_hand_made_logprobs(monkeypatch):
+    from dataclasses import replace
+
+    from lowmem_rlhf.config import DPOConfig
+
+    # 3 pairs of different lengths (chosen first, then rejected); position 0 is the prompt
+    lengths = torch.tensor([2, 5, 3, 6, 1, 4])
+    mask = torch.zeros(6, 7, dtype=torch.bool)
+    for i, k in enumerate(lengths):
+        mask[i, 1 : 1 + k] = True
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.where(mask[:, 1:], -torch.rand(6, 6, generator=g) * 3, 0.0)
+    ref = per_token.sum(1) + torch.randn(6, generator=g)
+    summed = per_token.sum(1)
+    monkeypatch.setattr(dpo, "sequence_logprobs", lambda model, batch, chunk: summed)
+    batch = {"response_mask": mask, "ref_logps": ref, "weights": torch.ones(3)}
+
+    def ours(**keys) -> tuple[float, float, float]:
+        loss, m = dpo.dpo_loss_sum(None, None, batch, replace(DPOConfig(beta=0.1), **keys), 64)
+        return float(loss) / 3, m["reward_chosen"] / 3, m["margin"] / 3
+
+    ipo = ours(loss_type="ipo")
+    assert ipo == pytest.approx(trl_dpo(per_token, mask, ref, 0.1, ["ipo"]), rel=1e-6)
+    # the IPO paper's form on sums is the other option; the logged rewards do not change scale with it
+    paper = ours(loss_type="ipo", length_normalize=False)
+    h = (summed[:3] - ref[:3]) - (summed[3:] - ref[3:])
+    assert paper[0] == pytest.approx(float(((h - 5.0) ** 2).mean()), rel=1e-6)
+    assert paper[0] != pytest.approx(ipo[0], rel=0.1) and paper[1:] == ipo[1:]
+    # RPO: TRL pools the NLL over the batch's chosen tokens ...
+    pooled = ours(sft_coef=0.7, sft_average="tokens")
+    assert pooled == pytest.approx(trl_dpo(per_token, mask, ref, 0.1, ["sigmoid", "sft"], [1.0, 0.7]), rel=1e-6)
+    # ... the default averages each chosen response's NLL per token (the RPO paper)
+    sigmoid = ours()[0]
+    per_seq = float((-summed[:3] / lengths[:3]).mean())
+    assert ours(sft_coef=0.7)[0] == pytest.approx(sigmoid + 0.7 * per_seq, rel=1e-6)
+    assert sigmoid == pytest.approx(trl_dpo(per_token, mask, ref, 0.1, ["sigmoid"])[0], rel=1e-6)

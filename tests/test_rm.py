@@ -60,7 +60,7 @@ def test_ranking_expands_to_all_pairs_weighted_once_per_prompt():
         ("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")
     ]  # fmt: skip
     assert sum(p.weight for p in pairs) == pytest.approx(1.0)
-    pairs, tied = expand_rows(
+    pairs, tied, _ = expand_rows(
         [row, {"prompt": "q", "responses": ["x", "y"]}, {"prompt": "r", "chosen": "1", "rejected": "2"}], "f"
     )
     assert len(pairs) == 6 + 1 + 1 and tied == 0
@@ -75,7 +75,7 @@ def test_ratings_drop_ties_and_carry_margins():
     assert got == sorted([("b", "a", 2.0), ("a", "d", 2.0), ("b", "c", 2.0), ("b", "d", 4.0), ("c", "d", 2.0)])
     assert sum(p.weight for p in pairs) == pytest.approx(1.0)
     assert normalize_preference_row({"prompt": "p", "responses": ["a", "b"], "scores": [2, 2]}, "f") == []
-    _, tied = expand_rows([{"prompt": "p", "responses": ["a", "b"], "scores": [2, 2]}], "f")
+    _, tied, _ = expand_rows([{"prompt": "p", "responses": ["a", "b"], "scores": [2, 2]}], "f")
     assert tied == 1
 
 
@@ -291,3 +291,46 @@ def test_rm_kill_and_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch)
 def test_rm_from_sft_needs_a_finished_sft(tmp_path, tiny_path):
     with pytest.raises(UserError, match="needs the finished sft stage"):
         rm.run(rm_cfg(tmp_path / "empty"))
+
+
+def test_rm_init_from_fresh_starts_a_new_adapter_and_needs_no_sft(sft_run, tmp_path, monkeypatch):
+    start = {}
+    real = rm.train_reward
+
+    def spy(bank, *args, **kwargs):
+        start[len(start)] = bank.state_dict(rm.ROLE)
+        return real(bank, *args, **kwargs)
+
+    monkeypatch.setattr(rm, "train_reward", spy)
+    quick = {"max_steps": 1, "eval_dataset": None, "stats_samples": 4, "max_samples": 8}
+    rm.run(rm_cfg(copy_run(sft_run, tmp_path / "from_sft"), **quick))
+    rm.run(rm_cfg(tmp_path / "fresh", init_from="fresh", **quick))  # no sft stage in this folder
+    sft_weights = load_file(str(sft_run / "sft" / "adapter_model.safetensors"))
+    from_sft, fresh = start[0], start[1]
+    b_keys = [k for k in from_sft if "lora_B" in k]
+    assert b_keys and from_sft.keys() == fresh.keys()
+    assert all(fresh[k].abs().sum() == 0 for k in b_keys)  # a new LoRA starts as the identity ...
+    assert all(from_sft[k].abs().sum() > 0 for k in b_keys)  # ... the default starts from the SFT adapter
+    assert sorted(v.abs().sum().item() for k, v in from_sft.items() if "lora_B" in k) == pytest.approx(
+        sorted(v.abs().sum().item() for k, v in sft_weights.items() if "lora_B" in k)
+    )
+
+
+def test_eval_accuracy_and_margin_are_weighted_like_the_loss(monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lowmem_rlhf.data.preference import PairExample
+
+    # each sequence is [1, score]: the stub reward model reads the score off the second token
+    monkeypatch.setattr(rm, "sequence_scores", lambda model, head, ids, mask: ids[:, 1].float())
+    bank = SimpleNamespace(head=lambda role: None, use=lambda role: nullcontext(), device=torch.device("cpu"))
+    ranking = [PairExample([1, c], [1, r], 1, 1, 1 / 3, 0.0) for c, r in ((9, 5), (9, 2), (5, 2))]  # all right
+    pair = PairExample([1, 3], [1, 7], 1, 1, 1.0, 0.0)  # wrong by 4
+    diag = rm.evaluate_pairs(bank, "reward", [*ranking, pair], 0, 2)
+    # two prompts, each counting once: the ranking's three right pairs weigh as much as the one wrong pair
+    assert diag["eval_accuracy"] == pytest.approx(0.5)  # unweighted it would be 3/4
+    assert diag["eval_margin"] == pytest.approx((1 / 3 * (4 + 7 + 3) - 4) / 2)
+    losses = [-math.log(1 / (1 + math.exp(-d))) for d in (4, 7, 3)]
+    assert diag["eval_loss"] == pytest.approx((sum(losses) / 3 - math.log(1 / (1 + math.exp(4)))) / 2, rel=1e-6)
+    assert diag["eval_pairs"] == 4

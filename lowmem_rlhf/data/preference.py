@@ -9,10 +9,14 @@ the whole conversation (the prompt's turns, then the assistant's: UltraFeedback'
 - ratings  `{"prompt", "responses", "scores"}`: a pair for every two responses with strictly
   different scores (ties dropped), each weighted 1 / (number of pairs); the score difference is
   the pair's margin (used when the stage asks for it).
+
+A pair whose chosen and rejected texts are identical teaches nothing (its loss has no gradient) and
+skews the averages: it is dropped, counted in a warning, and the row's other pairs share its weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -62,7 +66,20 @@ def _number(value, where: str, field: str) -> float:
 
 
 def normalize_preference_row(row: dict, where: str) -> list[Pair]:
-    """One preference row in any accepted format -> its weighted pairs (possibly none: all tied)."""
+    """One preference row in any accepted format -> its weighted pairs (possibly none: all tied or identical)."""
+    return _drop_identical(_row_pairs(row, where))[0]
+
+
+def _drop_identical(pairs: list[Pair]) -> tuple[list[Pair], int]:
+    """Pairs whose chosen and rejected texts differ (weights re-shared so the row keeps its total), and #dropped."""
+    kept = [p for p in pairs if p.chosen != p.rejected]
+    if len(kept) < len(pairs) and kept:
+        share = sum(p.weight for p in pairs) / sum(p.weight for p in kept)
+        kept = [dataclasses.replace(p, weight=p.weight * share) for p in kept]
+    return kept, len(pairs) - len(kept)
+
+
+def _row_pairs(row: dict, where: str) -> list[Pair]:
     if "prompt" not in row:
         raise UserError(f"{where}: missing field `prompt`")
     prompt = to_messages(row["prompt"], where, "prompt")
@@ -97,14 +114,18 @@ def normalize_preference_row(row: dict, where: str) -> list[Pair]:
     return [Pair(prompt, texts[i], texts[j], 1.0 / len(pairs), values[i] - values[j]) for i, j in pairs]
 
 
-def expand_rows(rows: list[dict], source: str) -> tuple[list[Pair], int]:
-    """Every row's pairs; returns the pairs and how many rows gave none (all responses tied)."""
-    pairs, tied = [], 0
+def expand_rows(rows: list[dict], source: str) -> tuple[list[Pair], int, list[int]]:
+    """Every row's pairs; returns the pairs, how many rows gave none because all responses were tied, and the
+    (1-based) rows that had pairs with identical chosen and rejected texts (dropped)."""
+    pairs, tied, identical = [], 0, []
     for i, row in enumerate(rows, start=1):
-        row_pairs = normalize_preference_row(row, f"{source}, row {i}")
+        row_pairs = _row_pairs(row, f"{source}, row {i}")
         tied += not row_pairs
+        row_pairs, dropped = _drop_identical(row_pairs)
+        if dropped:
+            identical.append(i)
         pairs.extend(row_pairs)
-    return pairs, tied
+    return pairs, tied, identical
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int) -> tuple[list[PairExample], int]:
@@ -158,11 +179,19 @@ def load_pair_examples(
     rows, name = load_rows(source, split)
     if limit is not None:
         rows = rows[:limit]
-    pairs, tied = expand_rows(rows, name)
+    pairs, tied, identical = expand_rows(rows, name)
     if tied:
         logger.warning("%s: %d rows had all responses tied and gave no pair", name, tied)
+    if identical:
+        shown = ", ".join(map(str, identical[:5])) + (", ..." if len(identical) > 5 else "")
+        logger.warning(
+            "%s: %d rows had a chosen response identical to the rejected one (rows %s); those pairs were dropped",
+            name,
+            len(identical),
+            shown,
+        )
     if not pairs:
-        raise UserError(f"{name}: no preference pairs (every row's responses are tied)")
+        raise UserError(f"{name}: no preference pairs (every row's responses are tied or identical)")
     examples, truncated = tokenize_pairs(pairs, tokenizer, max_length)
     if truncated:
         logger.warning("%s: %d sequences longer than %s.max_length=%d were truncated", name, truncated, key, max_length)

@@ -47,16 +47,24 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and implicit rewards from (n,) summed response log-probs.
 
     h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)). Losses: `sigmoid` (Rafailov et
     al.; with label_smoothing = conservative DPO), `robust` (Chowdhury et al. 2024, unbiased under
     label noise), `hinge` (SLiC: relu(1 - beta h)), `ipo` (Azar et al.: (h - 1/(2 beta))^2).
-    Returns (losses, chosen_rewards, rejected_rewards), rewards = beta * (log pi - log ref).
+    Given (n,) response lengths, h compares per-token log-ratios instead: (log pi - log ref)(y_w) / |y_w|
+    - (log pi - log ref)(y_l) / |y_l| (TRL's IPO; length-normalised DPO).
+    Returns (losses, chosen_rewards, rejected_rewards), rewards = beta * (log pi - log ref) of the
+    summed log-probs whether or not the loss normalises, so they are on one scale for every option.
     When policy == reference, h = 0: the sigmoid loss is log 2 and both rewards are 0.
     """
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if chosen_lengths is None or rejected_lengths is None:
+        h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    else:
+        h = (policy_chosen - ref_chosen) / chosen_lengths - (policy_rejected - ref_rejected) / rejected_lengths
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     elif loss_type == "robust":

@@ -51,15 +51,24 @@ def dpo_loss_sum(bank: AdapterBank, model, batch: dict, dc: DPOConfig, chunk: in
             ref = sequence_logprobs(ref_model, batch, chunk)
     lengths = batch["response_mask"][:, 1:].sum(1).clamp(min=1)
     summed = policy
-    if dc.length_normalize:  # mean per-token log-probs (the IPO paper's and SimPO's normalisation)
-        policy, ref = policy / lengths, ref / lengths
+    per_token = dc.loss_type == "ipo" if dc.length_normalize == "auto" else dc.length_normalize
     losses, r_chosen, r_rejected = dpo_loss(
-        policy[:n], policy[n:], ref[:n], ref[n:], dc.beta, dc.loss_type, dc.label_smoothing
+        policy[:n],
+        policy[n:],
+        ref[:n],
+        ref[n:],
+        dc.beta,
+        dc.loss_type,
+        dc.label_smoothing,
+        *((lengths[:n], lengths[n:]) if per_token else ()),
     )
-    if dc.sft_coef > 0:  # RPO: the chosen response's per-token NLL keeps its likelihood from falling
-        nll = -summed[:n] / lengths[:n]
-        losses = losses + dc.sft_coef * nll
     w = batch["weights"]
+    if dc.sft_coef > 0:  # RPO: the chosen responses' NLL per token keeps their likelihood from falling
+        if dc.sft_average == "sequence":  # each chosen response's mean NLL (the RPO paper)
+            nll = -summed[:n] / lengths[:n]
+        else:  # "tokens": over every chosen token of the batch, pooled (TRL), each pair's tokens by its weight
+            nll = -(summed[:n] * w).sum() / (lengths[:n] * w).sum()
+        losses = losses + dc.sft_coef * nll
     metrics = {
         "accuracy": float((pairwise_accuracy(r_chosen, r_rejected) * w).sum()),
         "margin": float(((r_chosen - r_rejected) * w).sum()),

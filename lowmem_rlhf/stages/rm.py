@@ -49,7 +49,7 @@ def rm_loss_sum(model, head, batch: dict, use_margin: bool, center_coef: float) 
 
 @torch.no_grad()
 def evaluate_pairs(bank: AdapterBank, role: str, examples: list[PairExample], pad_id: int, batch_size: int) -> dict:
-    """Held-out diagnostics: pairwise accuracy, mean margin, score spread and length bias."""
+    """Held-out diagnostics: pairwise accuracy, mean margin (both weighted like the loss), score spread, length bias."""
     head = bank.head(role)
     chosen, rejected, chosen_len, rejected_len, losses, weights = [], [], [], [], [], []
     with bank.use(role) as model:
@@ -66,10 +66,11 @@ def evaluate_pairs(bank: AdapterBank, role: str, examples: list[PairExample], pa
     c, r, w = torch.cat(chosen), torch.cat(rejected), torch.cat(weights)
     all_scores = torch.cat([c, r])
     all_lengths = torch.cat(chosen_len + rejected_len)
+    # loss, accuracy and margin are all weighted like training: a ranking's C(K, 2) pairs share one prompt's weight
     return {
         "eval_loss": float((torch.cat(losses) * w).sum() / w.sum()),
-        "eval_accuracy": float(pairwise_accuracy(c, r).mean()),
-        "eval_margin": float((c - r).mean()),
+        "eval_accuracy": float((pairwise_accuracy(c, r) * w).sum() / w.sum()),
+        "eval_margin": float(((c - r) * w).sum() / w.sum()),
         "eval_score_mean": float(all_scores.mean()),
         "eval_score_std": float(all_scores.std()),
         "eval_length_corr": float(pearson(all_scores, all_lengths.float())),

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lowmem_rlhf.errors import UserError
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
@@ -26,3 +28,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Create folder `path` (with its parents) and check a file can be written in it; one clear error if not.
+
+    Run before a model loads, so a typo'd or read-only output path fails at once, not after the first stage.
+    """
+    path = Path(path).expanduser()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{what} {path} is not writable ({e.strerror or e}); choose a folder you can write to"
+        ) from None
+    return path

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from lowmem_rlhf.model.forward import hidden_states, output_head
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.ops import (
     chunked_logprobs,
+    chunked_logprobs_entropy,
     explained_variance,
     gae_advantages,
     group_advantages,
@@ -111,17 +112,28 @@ def response_forward(
     chunk_size: int,
     value_head: nn.Module | None = None,
     need_logprobs: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(log-probs, values) of the response tokens, both (b, t); position p-1+i predicts response token i."""
+    entropy: Literal["none", "logged", "trained"] = "none",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(log-probs, values, entropies) of the response tokens, each (b, t); position p-1+i predicts token i.
+
+    entropy: "none" skips it; "logged" computes the per-token entropy of the policy without a graph;
+    "trained" with one, for an entropy bonus.
+    """
     hidden = hidden_states(model, input_ids, attention_mask)
     t = input_ids.shape[1] - prompt_width
     h = hidden[:, prompt_width - 1 : prompt_width - 1 + t]
-    logprobs = None
+    logprobs = entropies = None
     if need_logprobs:
         head = output_head(model)
-        logprobs = chunked_logprobs(h, head, input_ids[:, prompt_width:], chunk_size, temperature)
+        targets = input_ids[:, prompt_width:]
+        if entropy == "none":
+            logprobs = chunked_logprobs(h, head, targets, chunk_size, temperature)
+        else:
+            logprobs, entropies = chunked_logprobs_entropy(
+                h, head, targets, chunk_size, temperature, entropy_grad=entropy == "trained"
+            )
     values = value_head(h) if value_head is not None else None
-    return logprobs, values
+    return logprobs, values, entropies
 
 
 @dataclass
@@ -212,7 +224,7 @@ class PPOTrainer:
         logps, vals, mb = [], [], self.pc.micro_batch_size
         with self.bank.use(role) as m:
             for i in range(0, len(ids), mb):
-                lp, v = response_forward(
+                lp, v, _ = response_forward(
                     m, ids[i : i + mb], mask[i : i + mb], p, self.pc.temperature, self.chunk, value_head, need_logprobs
                 )
                 logps.append(lp)
@@ -337,17 +349,28 @@ class PPOTrainer:
         ids, mask, rmask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
         shared_head = self.bank.head("policy") if self.value_role == "policy" else None
         with self.bank.use("policy", train=True) as m:
-            logp, values = response_forward(m, ids, mask, ro.prompt_width, pc.temperature, self.chunk, shared_head)
+            logp, values, token_entropy = response_forward(
+                m,
+                ids,
+                mask,
+                ro.prompt_width,
+                pc.temperature,
+                self.chunk,
+                shared_head,
+                entropy="trained" if pc.entropy_coef else "logged",
+            )
             pg_loss, pg = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, pc.clip_range)
-            entropy = masked_mean(-logp.detach(), rmask)  # sample estimate of the per-token entropy
+            # the mean over response tokens of the whole next-token distribution's entropy (not the sampled
+            # token's -log p, whose expected gradient on-policy is zero)
+            entropy = masked_mean(token_entropy, rmask)
             loss = pg_loss
             if pc.entropy_coef:
-                loss = loss - pc.entropy_coef * masked_mean(-logp, rmask)
+                loss = loss - pc.entropy_coef * entropy
             stats = {
                 "pg_loss": pg_loss.item(),
                 "clipfrac": float(pg["clipfrac"]),
                 "approx_kl": float(pg["approx_kl"]),
-                "entropy": float(entropy),
+                "entropy": float(entropy.detach()),
                 "max_logratio": float(torch.where(rmask, (logp.detach() - ro.logprobs[idx]).abs(), 0).max()),
             }
             if self.value_role == "policy":
@@ -357,7 +380,7 @@ class PPOTrainer:
             (loss * weight).backward()
         if self.value_role == "value":
             with self.bank.use("value", train=True) as m:
-                _, values = response_forward(
+                _, values, _ = response_forward(
                     m,
                     ids,
                     mask,
