@@ -126,13 +126,11 @@ def response_closing(tokenizer) -> list[int]:
     return list(cached[1])
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Ids that end a response: the template's end-of-turn token, then the tokenizer's EOS (no repeats).
-
-    Generation adds the model's own `generation_config.eos_token_id` list to these (rollout.generate).
-    """
-    ids = [response_closing(tokenizer)[-1], tokenizer.eos_token_id]
-    return list(dict.fromkeys(ids))
+def end_of_turn_ids(tokenizer, generation_eos: int | list[int] | None = None) -> list[int]:
+    """Ids that end a response: the template's end-of-turn token, the tokenizer's EOS, then the model's
+    `generation_config.eos_token_id` (one id, a list or None; generation adds it: rollout.generate), no repeats."""
+    extra = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else generation_eos
+    return list(dict.fromkeys([response_closing(tokenizer)[-1], tokenizer.eos_token_id, *extra]))
 
 
 def encode_response(tokenizer, text: str) -> list[int]:

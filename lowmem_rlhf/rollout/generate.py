@@ -83,11 +83,9 @@ class Generation:
 def stop_token_ids(bank: AdapterBank, eos_ids: int | Sequence[int]) -> list[int]:
     """`eos_ids` followed by the model's `generation_config.eos_token_id` (an id, a list, or none), no repeats."""
     ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    config = getattr(bank.base_model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    if extra is not None:
-        ids += [extra] if isinstance(extra, int) else list(extra)
-    return list(dict.fromkeys(ids))
+    extra = getattr(getattr(bank.base_model, "generation_config", None), "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys([*ids, *extra]))
 
 
 @contextlib.contextmanager

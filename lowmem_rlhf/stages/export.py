@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.heads import HEAD_FILE
 from lowmem_rlhf.stages.common import BASE_MODEL_FILE, STAGE_DIRS, Manifest, base_model_info, read_run
@@ -253,12 +254,6 @@ def _run_tokenizer(run: Path, cfg):
     return load_tokenizer(cfg.model)
 
 
-def end_of_turn_ids(tokenizer, base_eos: int | list[int] | None) -> list[int]:
-    """EOS ids for generation: the base's own (one id or a list) followed by the tokenizer's EOS, no repeats."""
-    ids = [] if base_eos is None else [base_eos] if isinstance(base_eos, int) else list(base_eos)
-    return list(dict.fromkeys([*ids, tokenizer.eos_token_id]))
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -267,6 +262,7 @@ def _write_generation_config(base: Path, out: Path, tokenizer) -> None:
     path = base / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {}
     gen.pop("_from_model_config", None)  # else transformers may rebuild it from config.json, losing our EOS ids
+    # the template's end-of-turn token and the tokenizer's EOS, then the base's own list: what training stopped at
     gen["eos_token_id"] = end_of_turn_ids(tokenizer, gen.get("eos_token_id"))
     gen["pad_token_id"] = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
