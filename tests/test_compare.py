@@ -31,7 +31,13 @@ def recipe(out) -> dict:
         "eval_steps": 2,
         "max_new_tokens": 12,
     }
-    data["compare"] = {"prompts": PROMPTS, "num_prompts": 10, "max_new_tokens": 12, "batch_size": 4}
+    data["compare"] = {
+        "prompts": PROMPTS,
+        "num_prompts": 10,
+        "max_new_tokens": 12,
+        "batch_size": 4,
+        "judge": ["lowmem_rlhf.tiny.judge:gold"],
+    }
     return data
 
 
