@@ -57,7 +57,8 @@ def final_answer(completion: str) -> tuple[str, bool]:
 def answer_matches(completion: str, answer) -> bool:
     """The rule of `answer_match` for one completion (see there)."""
     text, marked = final_answer(completion)
-    expected = _number(str(answer))
+    answer, _ = final_answer(str(answer))  # a worked solution ending in `#### 72` counts as its final answer
+    expected = _number(answer)
     if expected is not None:
         numbers = _NUMBER.findall(text)
         if not numbers:
@@ -76,7 +77,8 @@ def answer_matches(completion: str, answer) -> bool:
 def answer_match(prompts, completions, column: str = "answer", **kwargs) -> list[float | None]:
     """1.0 where the completion's final answer equals the row's `column`, 0.0 where not, None without an answer.
 
-    Numbers are compared numerically (`1,000` == `1000.0`): the last number of the final answer counts.
+    Numbers are compared numerically (`1,000` == `1000.0`): the last number of the final answer counts; an
+    answer column holding a worked solution (GSM8K's `... #### 72`) is read as its final answer.
     Strings are compared after `normalize_answer`; with a marker (`\\boxed{}`, `####`, `answer is`) the
     text after it must equal the answer, without one the answer must appear as whole words.
     """
