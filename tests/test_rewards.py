@@ -50,7 +50,18 @@ def test_answer_match_numbers_and_strings():
         "Final answer: the eiffel tower in Paris",
         "no number here",
     ]
-    answers = ["She sold 48 + 24 = 72.\n#### 72", "1000", 72, "13", "13", "yellow", "yellow", "eiffel tower", "eiffel tower", "5"]
+    answers = [
+        "She sold 48 + 24 = 72.\n#### 72",
+        "1000",
+        72,
+        "13",
+        "13",
+        "yellow",
+        "yellow",
+        "eiffel tower",
+        "eiffel tower",
+        "5",
+    ]
     assert answer_match(None, completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
     # None where a row has no answer; another column by name
     assert answer_match(None, ["#### 3", "#### 3"], column="gold", gold=["3", None]) == [1.0, None]
