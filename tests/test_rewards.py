@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, tiny_recipe
 
 from lowmem_rlhf.cli import main
-from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig, config_from_dict, config_to_dict
+from lowmem_rlhf.config import CompareConfig, LoRAConfig, ModelConfig, PPOConfig, config_from_dict, config_to_dict
 from lowmem_rlhf.data.chat import encode_prompt, to_messages
 from lowmem_rlhf.data.prompts import prompt_columns
 from lowmem_rlhf.errors import UserError
@@ -28,7 +28,7 @@ from lowmem_rlhf.rewards import (
     target_length,
 )
 from lowmem_rlhf.rollout.generate import Generation
-from lowmem_rlhf.stages import ppo, sft
+from lowmem_rlhf.stages import compare, ppo, sft
 from lowmem_rlhf.train import ppo as ppo_module
 from lowmem_rlhf.train.metrics import read_metrics
 from lowmem_rlhf.train.ppo import PPOTrainer
@@ -330,6 +330,22 @@ def test_without_reward_model(sft_run, tmp_path, monkeypatch):
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert "reward" not in sample and set(sample["reward_funcs"]) == {"answer_match"} and "gold" in sample
     assert (out / "value" / "head.safetensors").is_file()
+
+    # compare ranks this run's policies by its judge alone; the training curve shows the optimised score
+    cc = CompareConfig(
+        prompts="builtin:tiny/prompts_heldout.jsonl",
+        num_prompts=4,
+        max_new_tokens=8,
+        judge="lowmem_rlhf.tiny.judge:gold",
+    )
+    report = compare.compare_runs([run], cc, 0, tmp_path / "compare")
+    assert report["order"] == ["run/sft", "run/ppo"]
+    policy = report["policies"]["run/ppo"]
+    assert policy["reward"] is None and policy["win_rate_reward"] is None and policy["gold"] is not None
+    assert [
+        step
+        for step, _ in compare.training_curves(compare.build_policies([compare.open_run(run)], None)[0][1])["reward"]
+    ] == [1, 2]
 
     # the estimate holds two adapters where a reward model makes three, and no score head
     cfg = config_from_dict(no_rm_recipe(run, advantage="grpo", group_size=2))

@@ -297,7 +297,9 @@ def training_curves(policy: Policy) -> dict[str, list[tuple[int, float]]]:
     if policy.stage == "sft":
         return {}
     rows = read_metrics(policy.run.path / STAGE_DIRS[policy.stage] / "metrics.jsonl")
-    keys = {"ppo": {"reward": "reward_raw", "kl": "kl"}, "dpo": {"margin": "margin", "kl": "sample_kl"}}[policy.stage]
+    # the raw RM score; an RL run without a reward model shows the score it optimised
+    rl_reward = "reward_raw" if any("reward_raw" in r for r in rows) else "reward"
+    keys = {"ppo": {"reward": rl_reward, "kl": "kl"}, "dpo": {"margin": "margin", "kl": "sample_kl"}}[policy.stage]
     return {
         name: [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
         for name, key in keys.items()
@@ -389,7 +391,7 @@ def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> 
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     panels = [
-        (axes[0], "reward", "RL: mean raw RM reward of each rollout"),
+        (axes[0], "reward", "RL: mean raw RM reward (without an RM: the score) of each rollout"),
         (axes[1], "margin", "DPO: implicit reward margin (train)"),
         (axes[2], "kl", "KL to the reference (RL rollouts; DPO samples at evals)"),
     ]
