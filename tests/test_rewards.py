@@ -112,9 +112,25 @@ def test_load_by_path_module_and_bound_arguments(tmp_path, monkeypatch):
     assert load_reward_fn("lowmem_rlhf.tiny.judge:gold")(
         ["What is 2 plus 3?"], ["Sure! 2 plus 3 is 5."], [[1]], {}, ["r"]
     ) == [2.5]
+    # a file imports its neighbours, wherever the command runs from
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "helper.py").write_text("BONUS = 0.5\n")
+    (tmp_path / "sub" / "rules.py").write_text(
+        "from helper import BONUS\n\ndef b(prompts, completions, **kw):\n    return [BONUS] * len(prompts)\n"
+    )
+    assert load_reward_fn("sub/rules.py:b")(["p"], ["c"], [[1]], {}, ["r"]) == [0.5]
     with pytest.raises(UserError) as e:
         load_reward_fns(["mine.py:exact", "lowmem_rlhf.rewards:answer_match", "mine.py:exact"])
     one_line(e, "two reward functions are named 'exact'")
+    # judges are named as judges, and may not take a name the samples already use
+    with pytest.raises(UserError) as e:
+        load_reward_fns(["mine.py:nope"], "judge")
+    one_line(e, "judge mine.py:nope: mine.py has no function `nope`")
+    (tmp_path / "kl.py").write_text("def kl(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
+    assert [f.name for f in load_reward_fns(["kl.py:kl"])] == ["kl"]  # a reward function: logged as reward/kl/...
+    with pytest.raises(UserError) as e:
+        load_reward_fns(["kl.py:kl"], "judge")
+    one_line(e, "judge kl.py:kl: the name 'kl' is already a column")
     with pytest.raises(UserError) as e:
         g.check_call(["answer", "target"])
     one_line(e, "target", "bound in the recipe but is also a column")
