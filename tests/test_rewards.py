@@ -88,6 +88,21 @@ def test_regex_length_and_repetition_rules():
     assert repetition_penalty(None, ["x y x y x y"], ngram=2) == [pytest.approx(-(1 - 2 / 5))]
 
 
+def test_prompt_rows_keep_their_columns():
+    rows = [
+        {"prompt": "What is 2 plus 2?", "answer": "4", "level": 1},
+        {
+            "messages": [{"role": "user", "content": "Add 1 and 2."}, {"role": "assistant", "content": "3"}],
+            "answer": "3",
+        },
+    ]
+    assert prompt_columns(rows) == {
+        "answer": ["4", "3"],
+        "level": [1, None],  # a row without the column gets None
+        "messages": [None, rows[1]["messages"]],  # a chat prompt keeps its messages (the prompt column does not)
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # loading and every error a user's function can cause: one line naming the function
 
