@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
     from lowmem_rlhf.data.formats import resolve_source
+    from lowmem_rlhf.rewards import load_reward_fns
 
     failed = 0
     for recipe in args.recipes:
@@ -91,7 +92,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     if source is None:
                         raise UserError(f"recipe {recipe}: stage compare is listed but `compare.prompts` is not set")
                     resolve_source(source)
+                    load_reward_fns(cfg.compare.judge, "judge")
                     continue
+                if stage == "ppo":  # importable now, offline: a typo fails here, not after SFT
+                    load_reward_fns(cfg.ppo.reward_funcs)
+                    load_reward_fns(cfg.ppo.judges, "judge")
                 for key in ("dataset", "eval_dataset"):
                     source = getattr(getattr(cfg, stage), key, None)
                     if source is not None:
@@ -225,6 +230,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "batch_size": args.batch_size,
         "reward_from": args.reward_from,
+        "judge": args.judge,
     }
     cc = dataclasses.replace(first.cfg.compare, runs=[], **{k: v for k, v in given.items() if v is not None})
     seed = first.cfg.seed if args.seed is None else args.seed
@@ -371,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="sample SFT and every finished PPO/DPO policy of the runs on the same prompts; report and plots",
         description="Samples every finished policy (ppo, dpo) of the given runs and each run's SFT policy on the "
-        "same prompts with the same seeds; scores them with the reward model (and the gold scorer of the "
-        "bundled tiny task); writes report.md, report.json, samples.jsonl and PNG plots. Options left out "
+        "same prompts with the same seeds; scores them with the reward model and any judge functions "
+        "(--judge, compare.judge); writes report.md, report.json, samples.jsonl and PNG plots. Options left out "
         "take the first run's `compare` settings.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of runs with a finished sft stage")
@@ -386,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: the first run's seed)")
     p.add_argument("--batch-size", type=int, help="prompts per generation batch (default: compare.batch_size)")
     p.add_argument("--reward-from", metavar="RUN_DIR", help="score every sample with this run's reward model")
+    p.add_argument(
+        "--judge",
+        action="append",
+        metavar="FILE.py:FN",
+        help="judge function scoring every sample, 'file.py:function' or 'package.module:function' (repeatable; "
+        "default: compare.judge)",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample from a run's adapter for given prompts")

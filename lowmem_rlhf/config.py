@@ -323,6 +323,22 @@ class PPOConfig(_Checked):
     adaptive_kl: bool = _f(False, "Adapt beta towards target_kl (Ziegler et al. 2019) instead of keeping it fixed.")
     target_kl: float = _f(6.0, "Target KL (sum over a response) of the adaptive controller.", range=POSITIVE)
     kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples.", range=AT_LEAST_1)
+    reward_model: bool = _f(
+        True,
+        "Add the trained reward model's (normalised) score to each sample's score; false = no reward role is "
+        "created or loaded and no rm stage is needed (a separate critic then starts fresh).",
+    )
+    reward_funcs: list[str] = _f(
+        [],
+        "Python reward functions added to the score: 'path/to/file.py:function' (relative to the working "
+        "directory) or 'package.module:function', called as fn(prompts, completions, **columns) (docs/rewards.md).",
+    )
+    reward_weights: list[float] = _f([], "One weight per reward function (empty = 1.0 each).")
+    judges: list[str] = _f(
+        [],
+        "Functions (same form as reward_funcs) that score samples without being optimised: logged every step "
+        "under their own names, in samples.jsonl and in eval.json's before/after report.",
+    )
     normalize_reward: bool = _f(True, "Standardise reward-model scores with the RM's training mean/std.")
     missing_eos_penalty: float = _f(
         0.0, "Subtracted from the score of a response that did not end with EOS.", range=NON_NEGATIVE
@@ -368,6 +384,16 @@ class PPOConfig(_Checked):
         for sink in self.report_to:
             if sink not in REPORT_SINKS:
                 raise UserError(f"`report_to` has unknown sink {sink!r}; use any of {', '.join(REPORT_SINKS)}")
+        if not self.reward_model and not self.reward_funcs:
+            raise UserError(
+                "`reward_model` is false and `reward_funcs` is empty: name at least one reward function, "
+                "or set reward_model: true to use the trained reward model"
+            )
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise UserError(
+                f"`reward_weights` has {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward "
+                "functions; give one per function (or none for 1.0 each)"
+            )
 
 
 @dataclass
@@ -389,9 +415,16 @@ class CompareConfig(_Checked):
     reward_from: str | None = _f(
         None, "Run folder whose reward model scores every sample; null = each run's own (runs without one get none)."
     )
+    judge: list[str] | str = _f(
+        [],
+        "Judge functions scoring every sample beside the reward model ('file.py:function' or "
+        "'package.module:function', the reward-function signature); the report shows each one's mean and win rate.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.judge, str):
+            self.judge = [self.judge]
 
 
 @dataclass

@@ -80,6 +80,7 @@ def tiny_rl_recipe(out, **ppo_keys) -> dict:
         "max_new_tokens": 12,
         "save_steps": 0,
         "group_size": 2,
+        "judges": ["lowmem_rlhf.tiny.judge:gold"],
         **ppo_keys,
     }
     return data

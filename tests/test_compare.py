@@ -1,4 +1,5 @@
-"""`compare`: report numbers recomputed from the saved samples, same seed -> same numbers, PNGs, errors."""
+"""`compare`: report numbers (reward model and judges) recomputed from the saved samples, same seed -> same
+numbers, PNGs, errors."""
 
 import json
 import shutil
@@ -9,7 +10,9 @@ from conftest import tiny_rl_recipe
 
 from lowmem_rlhf.cli import main
 from lowmem_rlhf.config import CompareConfig, config_from_dict
+from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.rewards.builtin import answer_matches
 from lowmem_rlhf.stages import compare, dpo, ppo, rm, sft
 from lowmem_rlhf.tiny.task import gold_score
 
@@ -31,7 +34,14 @@ def recipe(out) -> dict:
         "eval_steps": 2,
         "max_new_tokens": 12,
     }
-    data["compare"] = {"prompts": PROMPTS, "num_prompts": 10, "max_new_tokens": 12, "batch_size": 4}
+    data["compare"] = {
+        "prompts": PROMPTS,
+        "num_prompts": 10,
+        "max_new_tokens": 12,
+        "batch_size": 4,
+        # the task's gold scorer and a built-in rule against the prompt rows' `answer` column
+        "judge": ["lowmem_rlhf.tiny.judge:gold", "lowmem_rlhf.rewards:answer_match"],
+    }
     return data
 
 
@@ -48,6 +58,9 @@ def read_samples(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+JUDGES = ("gold", "answer_match")
+
+
 def recompute(samples: list[dict]) -> dict:
     """The report's numbers straight from the sample rows, written independently of `summarize`."""
     out = {}
@@ -55,14 +68,14 @@ def recompute(samples: list[dict]) -> dict:
         rows = [r for r in samples if r["policy"] == label]
         entry = {
             "reward": statistics.fmean(r["reward"] for r in rows),
-            "gold": statistics.fmean(r["gold"] for r in rows),
+            **{judge: statistics.fmean(r[judge] for r in rows) for judge in JUDGES},
             "kl": statistics.fmean(r["kl"] for r in rows),
             "length": statistics.fmean(r["length"] for r in rows),
             "eos_rate": sum(r["eos"] for r in rows) / len(rows),
         }
         if rows[0]["baseline"]:
             base = {r["prompt_index"]: r for r in samples if r["policy"] == rows[0]["baseline"]}
-            for key in ("reward", "gold"):
+            for key in ("reward", *JUDGES):
                 wins = [
                     (r[key] > base[r["prompt_index"]][key]) + 0.5 * (r[key] == base[r["prompt_index"]][key])
                     for r in rows
@@ -93,8 +106,12 @@ def test_compare_stage_report_matches_samples(run_dir, capsys):
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=1e-12), (label, key)
         assert got["samples"] == 10
+        assert {"win_rate_gold", "win_rate_answer_match"} <= set(got)
+    assert report["settings"]["judges"] == ["lowmem_rlhf.tiny.judge:gold", "lowmem_rlhf.rewards:answer_match"]
+    answers = [r["answer"] for r in load_rows(PROMPTS)[0]]
     for r in samples:
         assert r["gold"] == gold_score(r["prompt"], r["response"])
+        assert r["answer_match"] == float(answer_matches(r["response"], answers[r["prompt_index"]]))
         assert r["logp"] < 0 and r["ref_logp"] < 0  # summed log-probs of at least one token
         if r["policy"] == "tiny/sft":  # SFT is its own reference
             assert r["kl"] == 0.0 and r["baseline"] is None
@@ -118,7 +135,7 @@ def test_compare_stage_report_matches_samples(run_dir, capsys):
     md = (out / "report.md").read_text()
     assert "| tiny/dpo |" in md and "reward_vs_kl.png" in md
     printed = capsys.readouterr().out
-    assert "tiny/ppo" in printed and "win vs SFT (gold)" in printed
+    assert "tiny/ppo" in printed and "win vs SFT (gold)" in printed and "win vs SFT (answer_match)" in printed
 
     # the manifest records the finished stage; a re-run skips it
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -148,7 +165,21 @@ def test_compare_cli_and_errors(run_dir, tmp_path, capsys):
     assert main([*args, "--max-new-tokens", "8", "--output", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["temperature"] == 0.0 and report["settings"]["num_prompts"] == 3
-    assert str(out / "report.md") in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed and "gold" in printed  # the run's compare.judge
+    # --judge replaces the recipe's judges; a broken judge is a one-line error before any model loads
+    judge_file = tmp_path / "judges.py"
+    judge_file.write_text("def short(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n")
+    assert (
+        main([*args, "--max-new-tokens", "8", "--output", str(tmp_path / "j"), "--judge", f"{judge_file}:short"]) == 0
+    )
+    report = json.loads((tmp_path / "j" / "report.json").read_text())
+    samples = read_samples(tmp_path / "j" / "samples.jsonl")
+    assert all(r["short"] == -len(r["response"]) and "gold" not in r for r in samples)
+    assert report["policies"]["tiny/sft"]["short"] == statistics.fmean(r["short"] for r in samples[:3])
+    assert "win vs SFT (short)" in capsys.readouterr().out
+    assert main([*args, "--judge", f"{judge_file}:long"]) == 2
+    assert "judges.py:long" in capsys.readouterr().err
 
     sft_only = tmp_path / "sft-only"
     shutil.copytree(run_dir, sft_only, ignore=shutil.ignore_patterns("compare"))

@@ -1,4 +1,4 @@
-"""RL prompt rows -> prompt token ids: `{"prompt": text or messages}` or `{"messages": [...]}`.
+"""RL prompt rows -> prompt token ids: `{"prompt": text or messages}` or `{"messages": [...]}`, and their other columns.
 
 A `messages` row that ends with an assistant turn drops that turn (the policy writes its own).
 Prompts longer than `max_prompt_length` are cut from the left, keeping the assistant header.
@@ -41,3 +41,12 @@ def tokenize_prompts(
         ids.append(p)
         texts.append(prompt_text(messages))
     return ids, texts, cut
+
+
+def prompt_columns(rows: list[dict]) -> dict[str, list]:
+    """Every column of the prompt rows but `prompt`, as lists aligned with the rows (None where a row lacks it).
+
+    Reward functions and judges get these as keyword arguments (a `messages` prompt keeps its `messages`).
+    """
+    names = dict.fromkeys(k for row in rows for k in row if k != "prompt")
+    return {name: [row.get(name) for row in rows] for name in names}

@@ -316,8 +316,9 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
         new = length or pc.max_new_tokens
         s = pc.max_prompt_length + new
         critic = pc.advantage == "gae" and pc.critic == "separate"
-        roles = ["policy", "reference", "reward"] + (["value"] if critic else [])
-        heads = 1 + (pc.advantage == "gae")  # reward head, and the value head (separate or shared)
+        # no reward role (nor its head) when the score comes from reward functions alone
+        roles = ["policy", "reference"] + (["reward"] if pc.reward_model else []) + (["value"] if critic else [])
+        heads = pc.reward_model + (pc.advantage == "gae")  # reward head, and the value head (separate or shared)
         items = base + [
             (f"LoRA adapters (fp32): {', '.join(roles)}", len(roles) * 4 * sum(adapter)),
             ("score/value heads", heads * head),

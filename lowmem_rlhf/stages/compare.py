@@ -3,7 +3,9 @@
 One base model is loaded; each run's SFT adapter, trained policies and reward model are roles on it.
 Every policy samples the same held-out prompts with the same seeds and sampling settings, so a
 policy's sample of a prompt and its SFT policy's sample share their random numbers. Each sample is
-scored by a reward model and, on the bundled tiny task, by the gold scorer; its log-prob is taken
+scored by a reward model and by every judge of `compare.judge` / `--judge` (functions with the
+reward-function signature, lowmem_rlhf.rewards; the bundled tiny task's is `lowmem_rlhf.tiny.judge:gold`),
+each stored under its own name; its log-prob is taken
 under the policy and under the run's SFT adapter (the reference of both PPO and DPO), so
 `kl` = Σ_t log π − log π_SFT over the response, whose mean over samples estimates KL(π ‖ π_SFT).
 
@@ -29,15 +31,15 @@ from lowmem_rlhf.config import CompareConfig, RecipeConfig
 from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.formats import load_rows
-from lowmem_rlhf.data.prompts import tokenize_prompts
+from lowmem_rlhf.data.prompts import prompt_columns, tokenize_prompts
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import response_logprob_sums
 from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.model.scoring import sequence_scores
+from lowmem_rlhf.rewards import RewardFunction, load_reward_fns, score_samples
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import STAGE_DIRS, Manifest, begin_stage, read_run, stage_settings
-from lowmem_rlhf.stages.ppo import tiny_gold_fn
 from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
 from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.metrics import read_metrics
@@ -48,6 +50,20 @@ POLICY_STAGES = ("ppo", "dpo")
 # The settings of the base that every compared run must share (they are sampled on one loaded base).
 BASE_KEYS = ("name_or_path", "revision", "quantization", "double_quant", "compute_dtype")
 PLOTS = ("reward_vs_kl.png", "training.png", "lengths.png")
+# The keys of a sample row; any other key is a judge's score, named after the judge.
+ROW_KEYS = (
+    "policy",
+    "baseline",
+    "prompt_index",
+    "prompt",
+    "response",
+    "length",
+    "eos",
+    "reward",
+    "logp",
+    "ref_logp",
+    "kl",
+)
 
 
 @dataclass
@@ -146,9 +162,11 @@ def collect_samples(
     seed: int,
     batch_size: int,
     chunk_size: int,
-    gold_fn,
+    judges: list[RewardFunction],
+    columns: dict[str, list],
+    source: str,
 ) -> list[dict]:
-    """One sample per prompt and policy, with its reward, gold score, log-probs, length and EOS flag."""
+    """One sample per prompt and policy, with its reward, judges' scores, log-probs, length and EOS flag."""
     from tqdm.auto import tqdm
 
     # Log-probs under the distribution that was sampled (the model's own for greedy decoding).
@@ -175,8 +193,11 @@ def collect_samples(
                 with bank.use(policy.reward_role) as m:
                     head = bank.head(policy.reward_role)
                     rewards = sequence_scores(m, head, ids.to(bank.device), mask.to(bank.device)).tolist()
+            responses = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in gen.response_ids]
+            index = list(range(start, start + len(chunk)))
+            judged = score_samples(judges, texts, columns, index, responses, gen.response_ids, source)
             for j, response in enumerate(gen.response_ids):
-                text = tokenizer.decode(response, skip_special_tokens=True).strip()
+                text = responses[j]
                 rows.append(
                     {
                         "policy": policy.label,
@@ -187,10 +208,10 @@ def collect_samples(
                         "length": len(response),
                         "eos": gen.ended[j],
                         "reward": rewards[j],
-                        "gold": gold_fn(texts[start + j], text) if gold_fn is not None else None,
                         "logp": float(logp[j]),
                         "ref_logp": float(ref[j]),
                         "kl": float(logp[j] - ref[j]),
+                        **{name: scores[j] for name, scores in judged.items()},
                     }
                 )
             bar.update(1)
@@ -215,8 +236,17 @@ def _win_rate(mine: dict[int, float | None], theirs: dict[int, float | None]) ->
     return statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
 
 
+def judge_names(samples: list[dict]) -> list[str]:
+    """The judges whose scores the sample rows hold (every key that is not a ROW_KEYS one)."""
+    return [k for k in samples[0] if k not in ROW_KEYS] if samples else []
+
+
 def summarize(samples: list[dict]) -> dict[str, dict]:
-    """Per-policy numbers, computed from the sample rows alone (the report is reproducible from samples.jsonl)."""
+    """Per-policy numbers, computed from the sample rows alone (the report is reproducible from samples.jsonl).
+
+    Each judge gets its mean under its name and `win_rate_<name>`, beside the reward model's.
+    """
+    judges = judge_names(samples)
     by_policy: dict[str, list[dict]] = {}
     for row in samples:
         by_policy.setdefault(row["policy"], []).append(row)
@@ -227,16 +257,16 @@ def summarize(samples: list[dict]) -> dict[str, dict]:
             "baseline": baseline,
             "samples": len(rows),
             "reward": _mean([r["reward"] for r in rows]),
-            "gold": _mean([r["gold"] for r in rows]),
+            **{name: _mean([r[name] for r in rows]) for name in judges},
             "kl": _mean([r["kl"] for r in rows]),
             "length": _mean([r["length"] for r in rows]),
             "eos_rate": _mean([float(r["eos"]) for r in rows]),
             "win_rate_reward": None,
-            "win_rate_gold": None,
+            **{f"win_rate_{name}": None for name in judges},
         }
         if baseline is not None:
             base_rows = by_policy[baseline]
-            for key in ("reward", "gold"):
+            for key in ("reward", *judges):
                 entry[f"win_rate_{key}"] = _win_rate(
                     {r["prompt_index"]: r[key] for r in rows}, {r["prompt_index"]: r[key] for r in base_rows}
                 )
@@ -268,7 +298,9 @@ def training_curves(policy: Policy) -> dict[str, list[tuple[int, float]]]:
     if policy.stage == "sft":
         return {}
     rows = read_metrics(policy.run.path / STAGE_DIRS[policy.stage] / "metrics.jsonl")
-    keys = {"ppo": {"reward": "reward_raw", "kl": "kl"}, "dpo": {"margin": "margin", "kl": "sample_kl"}}[policy.stage]
+    # the raw RM score; an RL run without a reward model shows the score it optimised
+    rl_reward = "reward_raw" if any("reward_raw" in r for r in rows) else "reward"
+    keys = {"ppo": {"reward": rl_reward, "kl": "kl"}, "dpo": {"margin": "margin", "kl": "sample_kl"}}[policy.stage]
     return {
         name: [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
         for name, key in keys.items()
@@ -283,7 +315,29 @@ def _fmt(v, spec: str = "+.3f", suffix: str = "") -> str:
     return "–" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _judges_of(summary: dict) -> list[str]:
+    """Judge names in a summary: the keys with a `win_rate_` twin, other than the reward model's."""
+    first = next(iter(summary.values()), {})
+    return [k.removeprefix("win_rate_") for k in first if k.startswith("win_rate_") and k != "win_rate_reward"]
+
+
+def table_header(judges: list[str]) -> list[str]:
+    return [
+        "policy",
+        "reward",
+        *judges,
+        "win vs SFT (RM)",
+        *(f"win vs SFT ({j})" for j in judges),
+        "KL",
+        "length",
+        "EOS",
+        "train time",
+        "peak mem",
+    ]
+
+
 def table_rows(summary: dict, usage: dict) -> list[list[str]]:
+    judges = _judges_of(summary)
     rows = []
     for label, s in summary.items():
         u = usage.get(label, {})
@@ -293,9 +347,9 @@ def table_rows(summary: dict, usage: dict) -> list[list[str]]:
             [
                 label,
                 _fmt(s["reward"]),
-                _fmt(s["gold"]),
+                *(_fmt(s[j]) for j in judges),
                 _fmt(s["win_rate_reward"], ".0%"),
-                _fmt(s["win_rate_gold"], ".0%"),
+                *(_fmt(s[f"win_rate_{j}"], ".0%") for j in judges),
                 _fmt(s["kl"], ".2f"),
                 _fmt(s["length"], ".1f"),
                 _fmt(s["eos_rate"], ".0%"),
@@ -306,24 +360,10 @@ def table_rows(summary: dict, usage: dict) -> list[list[str]]:
     return rows
 
 
-HEADER = [
-    "policy",
-    "reward",
-    "gold",
-    "win vs SFT (RM)",
-    "win vs SFT (gold)",
-    "KL",
-    "length",
-    "EOS",
-    "train time",
-    "peak mem",
-]
-
-
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(HEADER), *(line(r) for r in rows)])
+    return "\n".join([line(header), *(line(r) for r in rows)])
 
 
 def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> None:
@@ -333,7 +373,8 @@ def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> 
     import matplotlib.pyplot as plt
 
     color = {label: f"C{i % 10}" for i, label in enumerate(summary)}  # one colour per policy in every plot
-    scores = [k for k in ("reward", "gold") if any(s[k] is not None for s in summary.values())] or ["reward"]
+    keys = ("reward", *_judges_of(summary))
+    scores = [k for k in keys if any(s[k] is not None for s in summary.values())] or ["reward"]
     fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 4.2), squeeze=False)
     for ax, key in zip(axes[0], scores, strict=True):
         for label, s in summary.items():
@@ -342,7 +383,7 @@ def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> 
             ax.scatter(s["kl"], s[key], s=60, color=color[label], marker="s" if s["baseline"] is None else "o")
             ax.annotate(label, (s["kl"], s[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xlabel("KL to the SFT reference (nats per response)")
-        ax.set_ylabel({"reward": "mean reward-model score", "gold": "mean gold score"}[key])
+        ax.set_ylabel("mean reward-model score" if key == "reward" else f"mean score of judge {key}")
         ax.set_title(f"{key} vs KL")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -351,7 +392,7 @@ def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> 
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     panels = [
-        (axes[0], "reward", "RL: mean raw RM reward of each rollout"),
+        (axes[0], "reward", "RL: mean raw RM reward (without an RM: the score) of each rollout"),
         (axes[1], "margin", "DPO: implicit reward margin (train)"),
         (axes[2], "kl", "KL to the reference (RL rollouts; DPO samples at evals)"),
     ]
@@ -391,6 +432,8 @@ def write_plots(out: Path, summary: dict, curves: dict, samples: list[dict]) -> 
 def write_markdown(out: Path, report: dict, samples: list[dict], examples: int = 3) -> None:
     s = report["settings"]
     rows = table_rows(report["policies"], report["training"])
+    header = table_header(_judges_of(report["policies"]))
+    judges = ", ".join(f"**{j}**" for j in _judges_of(report["policies"]))
     md = [
         "# PPO vs DPO: compare report",
         "",
@@ -399,13 +442,15 @@ def write_markdown(out: Path, report: dict, samples: list[dict], examples: int =
         f"(seed {s['seed']}) and sampling settings for every policy: temperature {s['temperature']}, "
         f"top_p {s['top_p']}, top_k {s['top_k']}, at most {s['max_new_tokens']} new tokens.",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "| " + " | ".join("---" for _ in HEADER) + " |",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
         *("| " + " | ".join(r) + " |" for r in rows),
         "",
         "- **reward**: mean score of "
         + (f"the reward model in `{s['reward_from']}`" if s["reward_from"] else "each run's own reward model")
-        + " (raw, before PPO's normalisation); **gold**: the task's gold scorer, where the prompts have one.",
+        + " (raw, before PPO's normalisation)"
+        + (f"; {judges}: the mean score of that judge ({', '.join(f'`{x}`' for x in s['judges'])})" if judges else "")
+        + ".",
         "- **win vs SFT**: share of prompts where the policy's sample scores above its run's SFT sample "
         "(a tie counts half).",
         "- **KL**: mean over samples of Σ_t log π − log π_SFT over the response tokens (the reference of "
@@ -442,7 +487,7 @@ def write_markdown(out: Path, report: dict, samples: list[dict], examples: int =
         group = by_prompt[i]
         md += [f"**Prompt:** {group[0]['prompt']}", ""]
         for row in group:
-            scores = ", ".join(f"{k} {row[k]:+.2f}" for k in ("reward", "gold") if row[k] is not None)
+            scores = ", ".join(f"{k} {row[k]:+.2f}" for k in ("reward", *judge_names(samples)) if row[k] is not None)
             md.append(f"- `{row['policy']}` ({scores}): {row['response']!r}")
         md.append("")
     atomic_write_text(out / "report.md", "\n".join(md))
@@ -459,6 +504,7 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
     if len(set(paths)) != len(paths):
         raise UserError("the same run folder is listed twice")
     reward_from = open_run(cc.reward_from) if cc.reward_from else None
+    judges = load_reward_fns(cc.judge, "judge")
     policies, dirs = build_policies(runs, reward_from)
     first = runs[0].cfg
     source = cc.prompts or first.ppo.eval_dataset
@@ -472,6 +518,9 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
         rows = rows[: cc.num_prompts]
     if not rows:
         raise UserError(f"{name}: no prompts")
+    columns = prompt_columns(rows)
+    for judge in judges:
+        judge.check_call(list(columns))
 
     model, tokenizer = load_base(first.model)
     prompts, texts, cut = tokenize_prompts(rows, tokenizer, cc.max_prompt_length, name)
@@ -495,7 +544,9 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
         seed,
         cc.batch_size,
         first.model.logprob_chunk_size,
-        tiny_gold_fn(texts),
+        judges,
+        columns,
+        name,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -512,6 +563,7 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
             "top_p": cc.top_p,
             "top_k": cc.top_k,
             "reward_from": cc.reward_from,
+            "judges": [j.spec for j in judges],
         },
         "order": list(summary),  # the policies in sampling order (each run's SFT first)
         "policies": summary,
@@ -521,7 +573,7 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
     atomic_write_json(out / "report.json", report)
     write_plots(out, summary, {p.label: training_curves(p) for p in policies}, samples)
     write_markdown(out, report, samples)
-    print(format_table(table_rows(summary, report["training"])))
+    print(format_table(table_rows(summary, report["training"]), table_header(_judges_of(summary))))
     print(f"report: {out / 'report.md'} (plots: {', '.join(str(out / p) for p in PLOTS)})")
     return report
 

@@ -487,7 +487,8 @@ def _ranking_rows(rng: random.Random, items: list[_Item]) -> list[dict[str, obje
 
 
 def _prompt_rows(items: list[_Item]) -> list[dict[str, str]]:
-    return [{"prompt": _render(t, f)} for t, f in items]
+    """RL prompts with their `answer` column, for rule rewards such as `lowmem_rlhf.rewards:answer_match`."""
+    return [{"prompt": _render(t, f), "answer": f.answer} for t, f in items]
 
 
 def write_data(out_dir: Path) -> dict[str, int]:

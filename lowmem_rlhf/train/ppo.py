@@ -5,7 +5,8 @@ SFT), `reward` (frozen RM + score head) and, for GAE, `value` (trainable, from t
 head on the policy (`critic: shared`). One iteration reads like the algorithm:
 
     1. rollout      sample responses from the policy (eval mode, KV cache, stop at EOS)
-    2. score        reward role at the last real token; normalise; EOS / length penalties
+    2. score        reward role at the last real token, normalised, plus the weighted reward functions;
+                    EOS / length penalties
     3. old/ref/V    policy, reference and value passes, same temperature, dropout off (pitfall 6)
     4. rewards      per token -beta * KL(policy || reference), the score added at the last token
     5. advantages   GAE with the critic, or group / leave-one-out / greedy baselines
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
+from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import hidden_states, output_head
 from lowmem_rlhf.model.scoring import sequence_scores
@@ -52,6 +54,7 @@ from lowmem_rlhf.ops import (
     rloo_advantages,
 )
 from lowmem_rlhf.ops.preference import pearson
+from lowmem_rlhf.rewards import RewardFunction, score_samples
 from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate, stop_token_ids
 from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.loop import build_optimizer, build_scheduler, fingerprint, interrupted
@@ -61,17 +64,16 @@ from lowmem_rlhf.train.usage import StageClock, peak_memory
 
 logger = logging.getLogger(__name__)
 
-GoldFn = Callable[[str, str], float]
-
 
 class Rollout(NamedTuple):
     """One iteration's experience. b sequences; p prompt width (left padded); t response width (right padded).
 
     input_ids, attention_mask: (b, p + t) prompt then response; response_mask: (b, t) True on generated
     tokens up to and including EOS; logprobs, ref_logprobs: (b, t) fp32 at the sampling temperature;
-    values: (b, t) or None without a critic; raw_scores: (b,) reward-model scores; scores: (b,) the
-    normalised, penalised scores used; kl: (b, t) per-token KL estimate used in the reward;
-    advantages: (b, t); returns: (b, t) or None without a critic.
+    values: (b, t) or None without a critic; raw_scores: (b,) reward-model scores, or None without a
+    reward model; scores: (b,) the normalised RM score + the weighted reward functions, penalised: the
+    scores used; kl: (b, t) per-token KL estimate used in the reward; advantages: (b, t); returns:
+    (b, t) or None without a critic; reward_fns / judges: {name: b scores, None where it does not apply}.
     """
 
     input_ids: torch.Tensor
@@ -81,13 +83,15 @@ class Rollout(NamedTuple):
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor | None
-    raw_scores: torch.Tensor
+    raw_scores: torch.Tensor | None
     scores: torch.Tensor
     kl: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor | None
     prompt_index: list[int]
     response_ids: list[list[int]]
+    reward_fns: dict[str, list[float | None]] | None = None
+    judges: dict[str, list[float | None]] | None = None
 
 
 class AdaptiveKLController:
@@ -144,7 +148,12 @@ class PPOResult:
 
 
 class PPOTrainer:
-    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`."""
+    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`.
+
+    Scores come from the `reward` role (unless `pc.reward_model` is false) plus `reward_fns` weighted by
+    `pc.reward_weights`; `judges` only score (logged under their names). Both get `prompt_columns`, the
+    prompt rows' other columns; `prompt_source` names the prompt file in their error messages.
+    """
 
     def __init__(
         self,
@@ -158,12 +167,17 @@ class PPOTrainer:
         settings: dict,
         reward_stats: dict | None,
         chunk_size: int,
-        gold_fn: GoldFn | None = None,
+        judges: list[RewardFunction] = (),
         ptx_batches: Callable[[int], dict] | None = None,
+        reward_fns: list[RewardFunction] = (),
+        prompt_columns: dict[str, list] | None = None,
+        prompt_source: str = "prompts",
     ):
         self.bank, self.pc, self.stage_dir = bank, pc, Path(stage_dir)
         self.prompts, self.prompt_texts, self.tok = prompts, prompt_texts, tokenizer
-        self.seed, self.chunk, self.gold_fn, self.ptx_batches = seed, chunk_size, gold_fn, ptx_batches
+        self.seed, self.chunk, self.judges, self.ptx_batches = seed, chunk_size, list(judges), ptx_batches
+        self.reward_fns, self.reward_weights = list(reward_fns), pc.reward_weights or [1.0] * len(reward_fns)
+        self.columns, self.source = prompt_columns or {}, prompt_source
         self.reward_stats = reward_stats if pc.normalize_reward else None
         self.critic = pc.advantage == "gae"
         self.value_role = ("value" if pc.critic == "separate" else "policy") if self.critic else None
@@ -200,16 +214,37 @@ class PPOTrainer:
             out.append(torch.randperm(n, generator=g)[pos].item())
         return out
 
-    def _scores(self, raw: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    def _scores(
+        self, raw: torch.Tensor | None, fn_total: torch.Tensor | None, response_mask: torch.Tensor, ended: torch.Tensor
+    ) -> torch.Tensor:
+        """RM score (normalised) + Σ w_i f_i, minus the EOS and length penalties: (b,)."""
         pc = self.pc
-        s = raw
-        if self.reward_stats is not None:
+        s = torch.zeros(len(response_mask), device=response_mask.device) if raw is None else raw
+        if raw is not None and self.reward_stats is not None:
             s = (s - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-8)
+        if fn_total is not None:
+            s = s + fn_total
         s = s - pc.missing_eos_penalty * (~ended).float() - pc.length_penalty * response_mask.sum(1).float()
         return s
 
+    def _call_fns(self, fns: list[RewardFunction], index: list[int], response_ids: list[list[int]]) -> dict:
+        """{name: one score or None per sample} of `fns` on these responses (decoded as in samples.jsonl)."""
+        texts = [self.tok.decode(r, skip_special_tokens=True).strip() for r in response_ids]
+        return score_samples(fns, self.prompt_texts, self.columns, index, texts, response_ids, self.source)
+
+    def _fn_total(self, per_fn: dict[str, list[float | None]], device) -> torch.Tensor | None:
+        """Σ_i w_i f_i per sample, None counting 0; None without reward functions."""
+        if not per_fn:
+            return None
+        total = torch.zeros(len(next(iter(per_fn.values()))), dtype=torch.float64)
+        for w, scores in zip(self.reward_weights, per_fn.values(), strict=True):
+            total += w * torch.tensor([0.0 if v is None else v for v in scores], dtype=torch.float64)
+        return total.float().to(device)
+
     @torch.no_grad()
-    def _score_raw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _score_raw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        if not self.pc.reward_model:
+            return None
         out, mb = [], self.pc.micro_batch_size
         with self.bank.use("reward") as m:
             for i in range(0, len(input_ids), mb):
@@ -250,9 +285,11 @@ class PPOTrainer:
         )
         ids, mask, rmask, p = self._batch(prompts, gen.response_ids)
         ended = torch.tensor(gen.ended, device=ids.device)
-        # 2. rewards from the reward role at the last real token
+        # 2. rewards from the reward role at the last real token, plus the reward functions
         raw = self._score_raw(ids, mask)
-        scores = self._scores(raw, rmask, ended)
+        fn_scores = self._call_fns(self.reward_fns, index, gen.response_ids)
+        scores = self._scores(raw, self._fn_total(fn_scores, ids.device), rmask, ended)
+        judged = self._call_fns(self.judges, index, gen.response_ids)
         # 3. old log-probs (+ shared values), reference log-probs, values
         shared_head = self.bank.head("policy") if self.value_role == "policy" else None
         logprobs, values = self._pass("policy", ids, mask, p, shared_head)
@@ -286,8 +323,9 @@ class PPOTrainer:
                     decode=self.decode,
                 )
                 g_ids, g_mask, g_rmask, _ = self._batch(prompts, greedy.response_ids)
+                g_fn = self._fn_total(self._call_fns(self.reward_fns, index, greedy.response_ids), ids.device)
                 g_scores = self._scores(
-                    self._score_raw(g_ids, g_mask), g_rmask, torch.tensor(greedy.ended, device=ids.device)
+                    self._score_raw(g_ids, g_mask), g_fn, g_rmask, torch.tensor(greedy.ended, device=ids.device)
                 )
                 seq_adv = seq_reward - g_scores
             advantages = seq_adv[:, None] * rmask
@@ -306,6 +344,8 @@ class PPOTrainer:
             returns,
             index,
             gen.response_ids,
+            fn_scores,
+            judged,
         )
 
     # ------------------------------------------------------------------ 6: PPO epochs
@@ -411,7 +451,6 @@ class PPOTrainer:
         lengths = ro.response_mask.sum(1).float()
         kl_seq = ro.kl.sum(1)
         m = {
-            "reward_raw": float(ro.raw_scores.mean()),
             "reward": float(ro.scores.mean()),
             "kl": float(kl_seq.mean()),
             "kl_coef": self.kl_ctl.value,
@@ -419,14 +458,29 @@ class PPOTrainer:
             "eos_rate": float(
                 torch.tensor([bool(r) and r[-1] in self.stop_ids for r in ro.response_ids]).float().mean()
             ),
-            "reward_length_corr": float(pearson(ro.raw_scores.cpu(), lengths.cpu())),
+            "reward_length_corr": float(pearson(self._unpenalised(ro).cpu(), lengths.cpu())),
             "advantage_std": float(masked_mean(ro.advantages.square(), ro.response_mask).sqrt()),
         }
+        if ro.raw_scores is not None:
+            m["reward_raw"] = float(ro.raw_scores.mean())
         if ro.values is not None:
             m["explained_variance"] = float(explained_variance(ro.values, ro.returns, ro.response_mask))
-        if self.gold_fn is not None:
-            m["gold"] = sum(self.gold_fn(p, r) for p, r in self._texts(ro)) / len(ro.response_ids)
+        for name, scores in (ro.reward_fns or {}).items():
+            applied = torch.tensor([v for v in scores if v is not None], dtype=torch.float64)
+            m[f"reward/{name}/mean"] = float(applied.mean()) if len(applied) else float("nan")
+            m[f"reward/{name}/std"] = float(applied.std(correction=0)) if len(applied) else float("nan")
+            m[f"reward/{name}/none"] = len(scores) - len(applied)
+        for name, scores in (ro.judges or {}).items():
+            applied = [v for v in scores if v is not None]
+            if applied:
+                m[name] = sum(applied) / len(applied)
         return m
+
+    def _unpenalised(self, ro: Rollout) -> torch.Tensor:
+        """The raw RM score, or without a reward model the weighted sum of the reward functions: (b,)."""
+        if ro.raw_scores is not None:
+            return ro.raw_scores
+        return self._fn_total(ro.reward_fns, ro.scores.device)
 
     def _texts(self, ro: Rollout) -> list[tuple[str, str]]:
         return [
@@ -435,11 +489,16 @@ class PPOTrainer:
         ]
 
     def _log_samples(self, step: int, ro: Rollout, n: int = 8) -> None:
+        """The first n samples: RM `reward` (raw), each reward function's score, the `score` used, judges."""
         rows = []
-        for (p, r), s in list(zip(self._texts(ro), ro.raw_scores.tolist(), strict=True))[:n]:
-            row = {"step": step, "prompt": p, "response": r, "reward": s}
-            if self.gold_fn is not None:
-                row["gold"] = self.gold_fn(p, r)
+        for j, (p, r) in enumerate(self._texts(ro)[:n]):
+            row = {"step": step, "prompt": p, "response": r}
+            if ro.raw_scores is not None:
+                row["reward"] = float(ro.raw_scores[j])
+            if ro.reward_fns:
+                row["reward_funcs"] = {name: scores[j] for name, scores in ro.reward_fns.items()}
+            row["score"] = float(ro.scores[j])
+            row.update({name: scores[j] for name, scores in (ro.judges or {}).items()})
             rows.append(json.dumps(row, ensure_ascii=False))
         with (self.stage_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
@@ -510,6 +569,13 @@ class PPOTrainer:
             saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
             raise interrupted(
                 e, "ppo", step, pc.num_steps, saved, "rollout_batch_size or micro_batch_size (or max_new_tokens)"
+            ) from None
+        except UserError as e:  # a reward function or judge failed: keep what finished, say how to go on
+            self.optimizer.zero_grad(set_to_none=True)
+            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
+            where = f"progress up to step {step} is saved in {saved}" if saved else "no step had finished yet"
+            raise UserError(
+                f"{e} [ppo step {step + 1}/{pc.num_steps}: {where}; fix it, then re-run the same command to resume]"
             ) from None
         finally:
             bar.close()
