@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import lowmem_rlhf  # noqa: F401  first: pins torch's CPU kernels before torch runs an operation
+
+# isort: split
 import hashlib
 import os
 from pathlib import Path
