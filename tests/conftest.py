@@ -108,6 +108,25 @@ def base_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def loaded_bytes(model) -> dict[str, int]:
+    """Bytes of a loaded 4-bit model as the estimator counts them: packed 4-bit weights, their quantization
+    constants, the unquantized parameters (a tied lm_head once) and the buffers."""
+    import bitsandbytes as bnb
+
+    out = {"weights": 0, "constants": 0, "unquantized": 0}
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            out["weights"] += module.weight.numel() * module.weight.element_size()
+            tensors = [qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+            out["constants"] += sum(t.numel() * t.element_size() for t in tensors)
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit):
+            out["unquantized"] += p.numel() * p.element_size()
+    out["buffers"] = sum(b.numel() * b.element_size() for b in model.buffers())
+    return out
+
+
 def fail_at(monkeypatch, cls, method: str, step: int, exc: BaseException) -> None:
     """Make `cls.method(self, ..., step)` raise `exc` at `step`: a kill after the last checkpoint."""
     real = getattr(cls, method)

@@ -19,10 +19,6 @@ to close an assistant turn with its end-of-turn token, as real instruction-tuned
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +149,7 @@ VOCAB_SIZE = 512
 PRETRAIN_STEPS = 240
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 def _tokenizer(family: Family, text: str):
@@ -196,61 +192,20 @@ def _conversations(tokenizer) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in out]
 
 
-def _pretrain(model, docs: list[list[int]], pad_id: int, seed: int) -> None:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PRETRAIN_LR, total_steps=PRETRAIN_STEPS, pct_start=0.1)
-    model.train()
-    for _ in range(PRETRAIN_STEPS):
-        batch = [docs[i] for i in torch.randint(len(docs), (PRETRAIN_BATCH,), generator=g).tolist()]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for i, d in enumerate(batch):
-            ids[i, : len(d)] = torch.tensor(d)
-            mask[i, : len(d)] = True
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    model.eval()
-
-
 def build_family(name: str, cache_dir: Path | None = None, seed: int = 0) -> Path:
     """Build (once) and return the folder of family `name`'s micro model, tokenizer and generation config."""
     import torch
     import transformers
 
-    from lowmem_rlhf.tiny.model import cache_root
+    from lowmem_rlhf.tiny.model import cache_root, cached_build, train_on_docs
     from lowmem_rlhf.tiny.task import corpus_text
 
     family = FAMILIES[name]
     text = corpus_text()
-    recipe = [
-        family.__dict__,
-        MICRO,
-        VOCAB_SIZE,
-        PRETRAIN_STEPS,
-        PRETRAIN_BATCH,
-        PRETRAIN_LR,
-        BUILD_VERSION,
-        seed,
-        text,
-    ]
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"family-{name}-{key}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-    try:
+    recipe = [family.__dict__, MICRO, VOCAB_SIZE, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, BUILD_VERSION, seed]
+    recipe += [text]
+
+    def build(folder: Path) -> None:
         tokenizer = _tokenizer(family, text)
         ids = tokenizer.convert_tokens_to_ids
         config_class = getattr(transformers, f"{family.model_type}Config")
@@ -266,18 +221,14 @@ def build_family(name: str, cache_dir: Path | None = None, seed: int = 0) -> Pat
         )
         torch.manual_seed(seed)
         model = model_class(config)
+        docs = _conversations(tokenizer)
         pad_id = ids(family.pad or family.eos)
-        _pretrain(model, _conversations(tokenizer), pad_id, seed)
+        desc = f"building the micro {name} model (once)"
+        train_on_docs(model, docs, seed, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, pad_id, desc)
         model.generation_config.eos_token_id = [ids(t) for t in family.generation_eos]
         model.generation_config.bos_token_id = config.bos_token_id
         model.generation_config.pad_token_id = config.pad_token_id
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same build first
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return cached_build(Path(cache_dir) if cache_dir is not None else cache_root(), f"family-{name}", recipe, build)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Llama architecture, ~0.9M parameters: small enough to train in a minute on 2 CPU cores, big enough
@@ -67,23 +68,30 @@ def pretrain(model, tokenizer, lines: list[str], seed: int) -> None:
 
     Like a real base model it has never seen the chat format; SFT teaches that.
     """
+    docs = [
+        [tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        for line in lines
+    ]
+    train_on_docs(model, docs, seed, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, pad_id=0)
+
+
+def train_on_docs(
+    model, docs: list[list[int]], seed: int, steps: int, batch_size: int, lr: float, pad_id: int, desc: str = ""
+) -> None:
+    """Full-parameter training of `model` on random batches of token rows (next-token loss, one-cycle lr)."""
     import torch
     from tqdm.auto import tqdm
 
     from lowmem_rlhf.ops import masked_mean
 
     g = torch.Generator().manual_seed(seed)
-    docs = [
-        [tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-        for line in lines
-    ]
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PRETRAIN_LR, total_steps=PRETRAIN_STEPS, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in tqdm(range(PRETRAIN_STEPS), desc="building the tiny base model (once)", unit="step", disable=None):
-        batch = [docs[i] for i in torch.randint(len(docs), (PRETRAIN_BATCH,), generator=g).tolist()]
+    for _ in tqdm(range(steps), desc=desc or "building the tiny base model (once)", unit="step", disable=None):
+        batch = [docs[i] for i in torch.randint(len(docs), (batch_size,), generator=g).tolist()]
         width = max(map(len, batch))
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.bool)
         for i, d in enumerate(batch):
             ids[i, : len(d)] = torch.tensor(d)
@@ -99,6 +107,27 @@ def pretrain(model, tokenizer, lines: list[str], seed: int) -> None:
     model.eval()
 
 
+def cached_build(root: Path, name: str, recipe: list, build: Callable[[Path], None]) -> Path:
+    """`root/<name>-<hash of recipe>`, made once by `build(tmp_folder)` and renamed into place atomically
+    (a killed build leaves no half-written model; two processes building at once both end with one)."""
+    key = hashlib.sha256(json.dumps(recipe, default=str).encode()).hexdigest()[:12]
+    final = root / f"{name}-{key}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same build first
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def build_tiny(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """Build (once) and return the folder of the tiny model + tokenizer."""
     import torch
@@ -110,14 +139,8 @@ def build_tiny(cache_dir: Path | None = None, seed: int = 0) -> Path:
     # everything the weights depend on, so a change to any of it builds a new model beside the old one
     recipe = [TINY_LLAMA, VOCAB_SIZE, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, BUILD_VERSION, seed, text]
     recipe += [pretraining_text()]
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"tiny-llama-{key}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-    try:
+
+    def build(folder: Path) -> None:
         tokenizer = train_tokenizer(text)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -130,13 +153,7 @@ def build_tiny(cache_dir: Path | None = None, seed: int = 0) -> Path:
         model = LlamaForCausalLM(config)
         pretrain(model, tokenizer, pretraining_text(), seed)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same build first
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return cached_build(Path(cache_dir) if cache_dir is not None else cache_root(), "tiny-llama", recipe, build)
