@@ -7,6 +7,7 @@ bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -54,12 +55,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
+    from lowmem_rlhf.stages.common import run_lock
 
     cfg = load_config(args.recipe, args.overrides)
-    for stage in cfg.stages:
-        logging.getLogger(__name__).info("== stage %s ==", stage)
-        path = _stage_module(stage).run(cfg, force=args.force)
-        print(f"{stage}: done -> {path}")
+    with run_lock(cfg.output_dir):  # held across the stages, so no other process slips in between them
+        for stage in cfg.stages:
+            logging.getLogger(__name__).info("== stage %s ==", stage)
+            path = _stage_module(stage).run(cfg, force=args.force)
+            print(f"{stage}: done -> {path}")
     print(f"run finished: {cfg.output_dir}")
     return 0
 
@@ -105,9 +108,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-    from lowmem_rlhf.stages.common import read_run
+    from lowmem_rlhf.stages.common import read_run, stage_model
 
-    run_dir, cfg = read_run(args.run_dir)
+    run_dir, cfg = read_run(args.run_dir, args.trust_remote_code)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         rows, name = load_rows(args.prompts_file)
@@ -118,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("give at least one --prompt TEXT or a --prompts-file")
     stage_dir = run_dir / args.stage
-    model, tokenizer = load_base(cfg.model)
+    model, tokenizer = load_base(stage_model(stage_dir, cfg, args.trust_remote_code))
     bank = AdapterBank(model, gradient_checkpointing=False)
     bank.add_role("policy", from_dir=stage_dir)
     encoded = [encode_prompt(tokenizer, to_messages(p, "--prompt", "prompt")) for p in prompts]
@@ -138,18 +141,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.model.scoring import score_texts
-    from lowmem_rlhf.stages.common import read_run
+    from lowmem_rlhf.stages.common import read_run, stage_model
     from lowmem_rlhf.stages.rm import ROLE, STATS_FILE
     from lowmem_rlhf.train.io import atomic_write_text
 
-    run, cfg = read_run(args.run_dir)
+    run, cfg = read_run(args.run_dir, args.trust_remote_code)
     reward_dir = run / "reward"
     rows, name = load_rows(args.input)
     for i, row in enumerate(rows, start=1):
         for key in ("prompt", "response"):
             if key not in row:
                 raise UserError(f"{name}, row {i}: missing field `{key}` (score input rows are {{prompt, response}})")
-    model, tokenizer = load_base(cfg.model)
+    model, tokenizer = load_base(stage_model(reward_dir, cfg, args.trust_remote_code))
     bank = AdapterBank(model, gradient_checkpointing=False)
     bank.add_role(ROLE, from_dir=reward_dir, head=True)
     scores = score_texts(
@@ -179,7 +182,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from lowmem_rlhf.stages.compare import compare_runs, open_run
 
-    first = open_run(args.run_dirs[0])
+    first = open_run(args.run_dirs[0], args.trust_remote_code)
     given = {
         "prompts": args.prompts,
         "num_prompts": args.num_prompts,
@@ -192,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     }
     cc = dataclasses.replace(first.cfg.compare, runs=[], **{k: v for k, v in given.items() if v is not None})
     seed = first.cfg.seed if args.seed is None else args.seed
-    compare_runs(args.run_dirs, cc, seed, args.output or first.path / "compare")
+    compare_runs(args.run_dirs, cc, seed, args.output or first.path / "compare", args.trust_remote_code)
     return 0
 
 
@@ -264,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides_help = "dotted overrides such as sft.learning_rate=1e-4 (checked like recipe keys)"
+    trust_help = (
+        "allow a run folder whose config.yaml sets model.trust_remote_code: true (runs the model's own Python code)"
+    )
 
     p = sub.add_parser("run", help="run every stage the recipe lists, in order")
     p.add_argument("recipe", help="path of a YAML recipe")
@@ -320,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="JSONL file to write: each row plus `reward` (and `reward_normalized`)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    p.add_argument("--trust-remote-code", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
@@ -341,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: the first run's seed)")
     p.add_argument("--batch-size", type=int, help="prompts per generation batch (default: compare.batch_size)")
     p.add_argument("--reward-from", metavar="RUN_DIR", help="score every sample with this run's reward model")
+    p.add_argument("--trust-remote-code", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample from a run's adapter for given prompts")
@@ -354,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--trust-remote-code", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_generate)
     return parser
 
@@ -371,4 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"error: no space left on the device{where}; free disk space and re-run the same command "
+            "(finished stages and saved checkpoints are kept)",
+            file=sys.stderr,
+        )
         return 2

@@ -25,7 +25,7 @@ from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
+from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
 from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.ppo import GoldFn, PPOTrainer
@@ -108,6 +108,7 @@ def evaluate_roles(bank, tokenizer, prompts, texts, pc: PPOConfig, seed: int, go
     }
 
 
+@locked_stage
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """Run (or resume, or skip) the RL stage; returns `output_dir/ppo`."""
     pc = cfg.ppo
@@ -116,7 +117,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     sft_dir, sft_done = finished_stage_dir(cfg, "sft", "ppo")
     reward_dir, rm_done = finished_stage_dir(cfg, "rm", "ppo")
     settings = {**stage_settings(cfg, "ppo"), "sft": sft_done.get("settings"), "rm": rm_done.get("settings")}
-    stage_dir, manifest, done = begin_stage(cfg, "ppo", force)
+    stage_dir, manifest, done = begin_stage(cfg, "ppo", force, settings)
     if done:
         return stage_dir
     seed_everything(cfg.seed)
