@@ -87,6 +87,11 @@ class TrainingConfig:
     warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up from 0.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    max_consecutive_skips: int = _f(
+        10,
+        "An optimizer step whose loss or gradient norm is NaN/inf is skipped and counted (`skipped_steps`); "
+        "this many skips in a row stop the stage with an error.",
+    )
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
         "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
     )
@@ -99,7 +104,7 @@ class TrainingConfig:
     max_samples: int | None = _f(None, "Use only the first N training rows (quick experiments).")
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
+        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")
         if self.learning_rate <= 0:
@@ -216,6 +221,11 @@ class PPOConfig:
         "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
     )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    max_consecutive_skips: int = _f(
+        10,
+        "An optimizer step whose loss or gradient norm is NaN/inf is skipped and counted (`skipped_steps`); "
+        "this many skips in a row stop the stage with an error.",
+    )
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
     max_new_tokens: int = _f(64, "Longest response generated.")
     generation_batch_size: int = _f(
@@ -267,6 +277,7 @@ class PPOConfig:
             "ppo_epochs",
             "max_new_tokens",
             "logging_steps",
+            "max_consecutive_skips",
         ):
             if getattr(self, key) < 1:
                 raise UserError(f"`{key}` must be at least 1, got {getattr(self, key)}")

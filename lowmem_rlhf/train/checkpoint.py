@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.heads import check_finite
 from lowmem_rlhf.train.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -97,16 +98,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to write NaN/inf weights: a diverged model must never look like a result."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UserError(
-                f"refusing to save {what}: tensor {name} holds NaN or inf values, so training diverged; lower the "
-                "learning_rate or set max_grad_norm, then re-run with --force"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
