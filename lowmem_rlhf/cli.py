@@ -381,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:
+        # safetensors reports a full disk only in its message ("... (os error 28)")
+        if getattr(e, "errno", None) != errno.ENOSPC and f"os error {errno.ENOSPC})" not in str(e):
             raise
-        where = f" writing {e.filename}" if e.filename else ""
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
         print(
             f"error: no space left on the device{where}; free disk space and re-run the same command "
             "(finished stages and saved checkpoints are kept)",

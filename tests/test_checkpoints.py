@@ -165,3 +165,27 @@ def test_real_full_tmpfs_gives_one_line_and_keeps_the_previous_checkpoint(make_c
     assert f"the previous checkpoint {ckpts / 'step-0000003'} is kept" in lines[0]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]  # no half-written temp folder
     assert Checkpointer.problem(ckpts / "step-0000003") is None
+
+
+def test_full_disk_anywhere_is_one_line_from_the_cli(tmp_path, tiny_path, monkeypatch, capsys):
+    import yaml
+    from conftest import tiny_recipe
+    from safetensors import SafetensorError
+
+    from lowmem_rlhf.cli import main
+    from lowmem_rlhf.model.bank import AdapterBank
+
+    def full(self, name, directory):  # as safetensors words it when the final adapter cannot be written
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(AdapterBank, "save_role", full)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", max_steps=1, save_steps=0)))
+    capsys.readouterr()
+    assert main(["sft", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        "error: no space left on the device; free disk space and re-run the same command (finished stages and "
+        "saved checkpoints are kept)"
+    ]
