@@ -143,7 +143,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from lowmem_rlhf.model.scoring import score_texts
     from lowmem_rlhf.stages.common import read_run, stage_model
     from lowmem_rlhf.stages.rm import ROLE, STATS_FILE
-    from lowmem_rlhf.train.io import atomic_write_text
+    from lowmem_rlhf.train.io import atomic_write_text, strict_dumps
 
     run, cfg = read_run(args.run_dir, args.trust_remote_code)
     reward_dir = run / "reward"
@@ -171,7 +171,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         out = {**row, "reward": s}
         if stats is not None:
             out["reward_normalized"] = (s - stats["mean"]) / max(stats["std"], 1e-8)
-        lines.append(json.dumps(out, ensure_ascii=False))
+        lines.append(strict_dumps(out, ensure_ascii=False))
     atomic_write_text(args.output, "\n".join(lines) + "\n")
     print(f"scored {len(rows)} rows with {reward_dir} -> {args.output}")
     return 0

@@ -113,11 +113,12 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(make_cfg, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(tensors, path, *a, **k)
 
+    ckpts = Path(cfg.output_dir) / "sft" / "checkpoints"
+    (ckpts / ".tmp-step-0000001").mkdir(parents=True)  # left by a process killed while saving
     with monkeypatch.context() as m:
         m.setattr(safetensors.torch, "save_file", full_disk)
         with pytest.raises(UserError) as e:
             sft.run(cfg)
-    ckpts = Path(cfg.output_dir) / "sft" / "checkpoints"
     assert str(e.value) == (
         f"sft: no space left on the device of {ckpts} while saving the checkpoint of step 6; the partial checkpoint "
         f"was removed and the previous checkpoint {ckpts / 'step-0000003'} is kept. Free disk space (or lower "

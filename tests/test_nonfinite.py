@@ -17,7 +17,7 @@ from lowmem_rlhf.model.heads import ScalarHead
 from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.stages import ppo, rm, sft
 from lowmem_rlhf.train import ppo as ppo_train
-from lowmem_rlhf.train.io import atomic_write_json
+from lowmem_rlhf.train.io import atomic_write_json, strict_dumps
 from lowmem_rlhf.train.metrics import MetricsLogger
 
 
@@ -54,6 +54,7 @@ def test_metrics_and_json_files_are_strict(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: 1 / 0) == {
         "metrics": {"loss": None, "x": [1.0, None]}
     }
+    assert strict_dumps({"reward": float("nan")}) == '{"reward": null}'  # samples.jsonl rows, score output
 
 
 def test_nonfinite_weights_are_never_saved(tmp_path, tiny_path):
@@ -163,3 +164,23 @@ def test_rl_divergence_signals_are_warned_once():
     assert seen[0][1].startswith("ppo iteration 3: the KL to the reference is 19.0 nats per response, over 3x")
     assert seen[1][1].startswith("ppo iteration 4: only 40% of responses end with EOS (90% at the start)")
     assert math.isclose(watch.eos_rate_start, 0.9)
+
+
+def test_rl_at_a_huge_learning_rate_warns_of_kl_and_eos_once_and_stops(rl_base, tmp_path, caplog):
+    import logging
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(rl_base, run)
+    shutil.rmtree(run / "ppo", ignore_errors=True)
+    cfg = config_from_dict(tiny_rl_recipe(run, learning_rate=1e6, num_steps=20))
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match=r"^ppo stopped at step \d+/20: the loss"):
+        ppo.run(cfg)
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ppo iteration")]
+    assert len(warned) == 2, warned
+    assert "the KL to the reference is" in warned[0] and "over 3x ppo.target_kl (6)" in warned[0]
+    assert "of responses end with EOS" in warned[1]
+    records = strict_lines(run / "ppo" / "metrics.jsonl")
+    assert records[-1]["skipped_steps"] >= 10
+    assert not (run / "ppo" / "adapter_model.safetensors").exists()
+    assert "ppo" not in json.loads((run / "manifest.json").read_text())["stages"]

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -33,8 +34,9 @@ STAGE_DIRS = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo", "compare
 SETTINGS_FILE = "settings.yaml"
 LOCK_FILE = ".lock"
 
-# output_dir (resolved) -> [open lock file, depth]: this process's locks, so nested holders share one flock.
-_locks: dict[Path, list] = {}
+# output_dir (resolved) -> its open lock file: the run folders this process holds (a stage inside `run`
+# finds the folder already held and proceeds).
+_locks: dict[Path, Any] = {}
 
 
 @contextlib.contextmanager
@@ -47,15 +49,8 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
     information. Nested use in one process is allowed.
     """
     out = Path(output_dir).resolve()
-    held = _locks.get(out)
-    if held is not None:
-        held[1] += 1
-        try:
-            yield
-        finally:
-            held[1] -= 1
-            if held[1] == 0:
-                _locks.pop(out).pop(0).close()
+    if out in _locks:
+        yield
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a folder")
@@ -81,17 +76,14 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     f.write(f"pid {os.getpid()} on {socket.gethostname()} (`{command}`, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
     f.flush()
-    _locks[out] = [f, 1]
+    _locks[out] = f
     try:
         yield
     finally:
-        held = _locks[out]
-        held[1] -= 1
-        if held[1] == 0:
-            del _locks[out]
-            f.seek(0)
-            f.truncate()  # a clean release leaves no holder behind
-            f.close()
+        del _locks[out]
+        f.seek(0)
+        f.truncate()  # a clean release leaves no holder behind
+        f.close()
 
 
 def locked_stage(run):

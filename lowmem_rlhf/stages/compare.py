@@ -16,7 +16,6 @@ Output folder (`output_dir/compare/` as a pipeline stage, or `--output`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -46,7 +45,7 @@ from lowmem_rlhf.stages.common import (
     stage_settings,
 )
 from lowmem_rlhf.stages.ppo import tiny_gold_fn
-from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
+from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text, strict_dumps
 from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.metrics import read_metrics
 
@@ -520,7 +519,7 @@ def compare_runs(
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    atomic_write_text(out / "samples.jsonl", "".join(strict_dumps(r, ensure_ascii=False) + "\n" for r in samples))
     summary = summarize(samples)
     report = {
         "runs": [str(r.path) for r in runs],

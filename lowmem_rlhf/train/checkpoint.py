@@ -181,7 +181,9 @@ class Checkpointer:
         plain["extra"] = encode_state(plain["extra"], tensors, "extra")
         tmp = self.root / f".tmp-step-{step:07d}"
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # half-written folders of a process killed while saving (the run folder's lock makes them ours)
+            for stale in self.root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(tensors, str(tmp / TENSORS_FILE))
             (tmp / PLAIN_FILE).write_text(json.dumps(plain, allow_nan=False), encoding="utf-8")

@@ -39,5 +39,10 @@ def finite_or_none(data: Any) -> Any:
     return data
 
 
+def strict_dumps(data: Any, **kw: Any) -> str:
+    """json.dumps that writes NaN/inf as null instead of the non-JSON `NaN`/`Infinity`."""
+    return json.dumps(finite_or_none(data), allow_nan=False, **kw)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(finite_or_none(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    atomic_write_text(path, strict_dumps(data, indent=2, sort_keys=True) + "\n")

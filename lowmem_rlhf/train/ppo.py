@@ -19,7 +19,6 @@ equality is exact, not approximate; later epochs shuffle.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from lowmem_rlhf.ops import (
 from lowmem_rlhf.ops.preference import pearson
 from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
 from lowmem_rlhf.train.checkpoint import Checkpointer
+from lowmem_rlhf.train.io import strict_dumps
 from lowmem_rlhf.train.loop import (
     build_optimizer,
     build_scheduler,
@@ -468,7 +468,7 @@ class PPOTrainer:
             row = {"step": step, "prompt": p, "response": r, "reward": s}
             if self.gold_fn is not None:
                 row["gold"] = self.gold_fn(p, r)
-            rows.append(json.dumps(row, ensure_ascii=False))
+            rows.append(strict_dumps(row, ensure_ascii=False))
         with (self.stage_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
 
