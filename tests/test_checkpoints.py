@@ -51,6 +51,42 @@ def test_state_encoding_round_trips_optimizer_and_rng_without_pickle():
         encode_state({"x": object()}, {}, "s")
 
 
+def test_paged_8bit_adamw_state_round_trips_exactly():
+    """The CUDA default optimizer (bitsandbytes, runnable on CPU here): 8-bit states, shared qmaps, wrapped keys."""
+    import warnings
+
+    import bitsandbytes as bnb
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(8))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
+            return params, bnb.optim.PagedAdamW8bit(params, lr=1e-2)
+
+    def step(params, opt, k):
+        g = torch.Generator().manual_seed(k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        opt.zero_grad()
+
+    params, opt = make()
+    for k in range(2):
+        step(params, opt, k)
+    tensors: dict = {}
+    plain = json.loads(json.dumps(encode_state(opt.state_dict(), tensors, "optimizer"), allow_nan=False))
+    assert any(t.dtype == torch.uint8 for t in tensors.values())  # the 8-bit states travel as tensors
+    params2, opt2 = make()
+    with torch.no_grad():
+        for a, b in zip(params2, params, strict=True):
+            a.copy_(b)
+    opt2.load_state_dict(decode_state(plain, tensors))
+    step(params, opt, 5)
+    step(params2, opt2, 5)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2, strict=True))
+
+
 def test_a_crafted_pickle_in_a_checkpoint_is_never_executed(make_cfg, tmp_path, monkeypatch, caplog):
     cfg = make_cfg("run")
     ckpts = killed_at(cfg, monkeypatch, 4)  # step-0000003 is a real checkpoint
