@@ -51,18 +51,15 @@ def test_state_encoding_round_trips_optimizer_and_rng_without_pickle():
         encode_state({"x": object()}, {}, "s")
 
 
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 def test_paged_8bit_adamw_state_round_trips_exactly():
     """The CUDA default optimizer (bitsandbytes, runnable on CPU here): 8-bit states, shared qmaps, wrapped keys."""
-    import warnings
-
     import bitsandbytes as bnb
 
     def make():
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(8))]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
-            return params, bnb.optim.PagedAdamW8bit(params, lr=1e-2)
+        return params, bnb.optim.PagedAdamW8bit(params, lr=1e-2)
 
     def step(params, opt, k):
         g = torch.Generator().manual_seed(k)
