@@ -7,6 +7,7 @@ bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -66,13 +67,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
+    from lowmem_rlhf.stages.common import run_lock
 
     cfg = load_config(args.recipe, args.overrides)
     check_run_inputs(cfg)
-    for stage in cfg.stages:
-        logging.getLogger(__name__).info("== stage %s ==", stage)
-        path = _stage_module(stage).run(cfg, force=args.force)
-        print(f"{stage}: done -> {path}")
+    with run_lock(cfg.output_dir):  # held across the stages, so no other process slips in between them
+        for stage in cfg.stages:
+            logging.getLogger(__name__).info("== stage %s ==", stage)
+            path = _stage_module(stage).run(cfg, force=args.force)
+            print(f"{stage}: done -> {path}")
     print(f"run finished: {cfg.output_dir}")
     return 0
 
@@ -124,9 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-    from lowmem_rlhf.stages.common import Manifest, read_run
+    from lowmem_rlhf.stages.common import Manifest, read_run, stage_model
 
-    run_dir, cfg = read_run(args.run_dir)
+    run_dir, cfg = read_run(args.run_dir, args.trust_remote_code)
     if args.stage not in POLICY_STAGES:
         hint = "; the reward model scores, use `lowmem-rlhf score`" if args.stage in ("rm", "reward") else ""
         raise UserError(
@@ -148,9 +151,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts.append(row["prompt"])
     if not prompts:
         raise UserError("give at least one --prompt TEXT or a --prompts-file")
-    check_model_source(cfg.model.name_or_path, cfg.model.revision)
     stage_dir = run_dir / args.stage
-    model, tokenizer = load_base(cfg.model)
+    model_cfg = stage_model(stage_dir, cfg, args.trust_remote_code)
+    check_model_source(model_cfg.name_or_path, model_cfg.revision)
+    model, tokenizer = load_base(model_cfg)
     bank = AdapterBank(model, gradient_checkpointing=False)
     bank.add_role("policy", from_dir=stage_dir)
     encoded = [encode_prompt(tokenizer, to_messages(p, "--prompt", "prompt")) for p in prompts]
@@ -171,11 +175,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.model.loading import load_base
     from lowmem_rlhf.model.scoring import score_texts
-    from lowmem_rlhf.stages.common import read_run
+    from lowmem_rlhf.stages.common import read_run, stage_model
     from lowmem_rlhf.stages.rm import ROLE, STATS_FILE
-    from lowmem_rlhf.train.io import atomic_write_text, ensure_writable_dir
+    from lowmem_rlhf.train.io import atomic_write_text, ensure_writable_dir, strict_dumps
 
-    run, cfg = read_run(args.run_dir)
+    run, cfg = read_run(args.run_dir, args.trust_remote_code)
     reward_dir = run / "reward"
     if not (reward_dir / "adapter_config.json").is_file():
         raise UserError(f"{run} has no reward model ({reward_dir} holds no adapter); run its rm stage first")
@@ -188,8 +192,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         for key in ("prompt", "response"):
             if key not in row:
                 raise UserError(f"{name}, row {i}: missing field `{key}` (score input rows are {{prompt, response}})")
-    check_model_source(cfg.model.name_or_path, cfg.model.revision)
-    model, tokenizer = load_base(cfg.model)
+    model_cfg = stage_model(reward_dir, cfg, args.trust_remote_code)
+    check_model_source(model_cfg.name_or_path, model_cfg.revision)
+    model, tokenizer = load_base(model_cfg)
     bank = AdapterBank(model, gradient_checkpointing=False)
     bank.add_role(ROLE, from_dir=reward_dir, head=True)
     scores = score_texts(
@@ -208,7 +213,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         out = {**row, "reward": s}
         if stats is not None:
             out["reward_normalized"] = (s - stats["mean"]) / max(stats["std"], 1e-8)
-        lines.append(json.dumps(out, ensure_ascii=False))
+        lines.append(strict_dumps(out, ensure_ascii=False))
     atomic_write_text(args.output, "\n".join(lines) + "\n")
     print(f"scored {len(rows)} rows with {reward_dir} -> {args.output}")
     return 0
@@ -220,7 +225,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lowmem_rlhf.stages.compare import compare_runs, open_run
     from lowmem_rlhf.train.io import ensure_writable_dir
 
-    first = open_run(args.run_dirs[0])
+    first = open_run(args.run_dirs[0], args.trust_remote_code)
     given = {
         "prompts": args.prompts,
         "num_prompts": args.num_prompts,
@@ -235,7 +240,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cc = dataclasses.replace(first.cfg.compare, runs=[], **{k: v for k, v in given.items() if v is not None})
     seed = first.cfg.seed if args.seed is None else args.seed
     output = ensure_writable_dir(args.output or first.path / "compare", "--output")
-    compare_runs(args.run_dirs, cc, seed, output)
+    compare_runs(args.run_dirs, cc, seed, output, args.trust_remote_code)
     return 0
 
 
@@ -315,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides_help = "dotted overrides such as sft.learning_rate=1e-4 (checked like recipe keys)"
+    trust_help = (
+        "allow a run folder whose config.yaml sets model.trust_remote_code: true (runs the model's own Python code)"
+    )
 
     p = sub.add_parser("run", help="run every stage the recipe lists, in order")
     p.add_argument("recipe", help="path of a YAML recipe")
@@ -371,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="JSONL file to write: each row plus `reward` (and `reward_normalized`)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    p.add_argument("--trust-remote-code", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
@@ -399,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="judge function scoring every sample, 'file.py:function' or 'package.module:function' (repeatable; "
         "default: compare.judge)",
     )
+    p.add_argument("--trust-remote-code", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample from a run's adapter for given prompts")
@@ -412,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--trust-remote-code", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -446,4 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # safetensors reports a full disk only in its message ("... (os error 28)")
+        if getattr(e, "errno", None) != errno.ENOSPC and f"os error {errno.ENOSPC})" not in str(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(
+            f"error: no space left on the device{where}; free disk space and re-run the same command "
+            "(finished stages and saved checkpoints are kept)",
+            file=sys.stderr,
+        )
         return 2

@@ -156,6 +156,12 @@ class TrainingConfig(_Checked):
     warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up from 0.", range=UNIT)
     weight_decay: float = _f(0.0, "AdamW weight decay.", range=NON_NEGATIVE)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", range=NON_NEGATIVE)
+    max_consecutive_skips: int = _f(
+        10,
+        "An optimizer step whose loss or gradient norm is NaN/inf is skipped and counted (`skipped_steps`); "
+        "this many skips in a row stop the stage with an error.",
+        range=AT_LEAST_1,
+    )
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
         "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
     )
@@ -297,6 +303,12 @@ class PPOConfig(_Checked):
         "auto", "Optimizer; auto = paged 8-bit AdamW on CUDA, 32-bit AdamW on CPU."
     )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", range=NON_NEGATIVE)
+    max_consecutive_skips: int = _f(
+        10,
+        "An optimizer step whose loss or gradient norm is NaN/inf is skipped and counted (`skipped_steps`); "
+        "this many skips in a row stop the stage with an error.",
+        range=AT_LEAST_1,
+    )
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (non-reentrant).")
     max_new_tokens: int = _f(64, "Longest response generated.", range=AT_LEAST_1)
     generation_batch_size: int = _f(

@@ -208,8 +208,8 @@ def test_other_estimators(base_run, tmp_path, capture, keys, value_role):
 
 
 def test_ppo_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
-    full = ppo.run(fork(base_run, tmp_path / "full", num_steps=4, save_steps=2))
-    cfg = fork(base_run, tmp_path / "resumed", num_steps=4, save_steps=2)
+    full = ppo.run(fork(base_run, tmp_path / "full", num_steps=4, save_steps=2, sample_log_steps=1))
+    cfg = fork(base_run, tmp_path / "resumed", num_steps=4, save_steps=2, sample_log_steps=1)
     with monkeypatch.context() as m:
         fail_at(m, PPOTrainer, "update", 3, RuntimeError("killed"))
         with pytest.raises(RuntimeError, match="killed"):
@@ -221,6 +221,9 @@ def test_ppo_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatc
     fm, rmx = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in rmx] == [1, 2, 3, 4]
     assert [r["reward_raw"] for r in fm] == [r["reward_raw"] for r in rmx]
+    # the killed run had logged step 3's samples too: they are dropped with its metrics, not duplicated
+    fs, rs = read_metrics(full / "samples.jsonl"), read_metrics(resumed / "samples.jsonl")
+    assert [r["step"] for r in rs] == [s for s in (1, 2, 3, 4) for _ in range(8)] and fs == rs
 
 
 def test_ppo_needs_finished_sft_and_rm(tmp_path, tiny_path):

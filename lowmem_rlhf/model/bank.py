@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowmem_rlhf.errors import UserError
-from lowmem_rlhf.model.heads import HEAD_FILE, ScalarHead
+from lowmem_rlhf.model.heads import HEAD_FILE, ScalarHead, check_finite
 
 _ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -222,10 +222,13 @@ class AdapterBank:
         """Save one role in standard PEFT layout (+ head.safetensors) into `directory`.
 
         Files are written to a temporary folder and moved in one by one, so an interrupted save never
-        leaves a half-written adapter behind. `PeftModel.from_pretrained(base, directory)` loads it.
+        leaves a half-written adapter behind; weights holding NaN or inf are refused (a UserError).
+        `PeftModel.from_pretrained(base, directory)` loads it.
         """
         role = self._role(name)
         directory = Path(directory)
+        # Before anything is written: a diverged (NaN/inf) adapter or head never replaces a result.
+        check_finite(self.state_dict(name), f"role {name!r} to {directory}")
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-save-") as tmp:
             self.peft_model.save_pretrained(tmp, selected_adapters=[name])

@@ -12,6 +12,16 @@ from lowmem_rlhf.errors import UserError
 HEAD_FILE = "head.safetensors"
 
 
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write NaN/inf weights: a diverged model must never look like a result."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(
+                f"refusing to save {what}: tensor {name} holds NaN or inf values, so training diverged; lower the "
+                "learning_rate or set max_grad_norm, then re-run with --force"
+            )
+
+
 class ScalarHead(nn.Module):
     """hidden (..., d) in any dtype -> score (...,) in fp32."""
 
@@ -34,6 +44,7 @@ class ScalarHead(nn.Module):
 
         path = Path(directory) / HEAD_FILE
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.linear.state_dict().items()}
+        check_finite(tensors, f"the scalar head to {path}")
         save_file(tensors, str(path), metadata={"hidden_size": str(self.hidden_size)})
         return path
 

@@ -18,7 +18,6 @@ Output folder (`output_dir/compare/` as a pipeline stage, or `--output`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_rlhf.config import CompareConfig, RecipeConfig
+from lowmem_rlhf.config import CompareConfig, ModelConfig, RecipeConfig
 from lowmem_rlhf.data.batching import pad_sequences
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.formats import load_rows
@@ -39,8 +38,17 @@ from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.rewards import RewardFunction, load_reward_fns, score_samples
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-from lowmem_rlhf.stages.common import STAGE_DIRS, Manifest, begin_stage, read_run, stage_settings
-from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
+from lowmem_rlhf.stages.common import (
+    STAGE_DIRS,
+    Manifest,
+    begin_stage,
+    locked_stage,
+    read_run,
+    read_stage_settings,
+    stage_model,
+    stage_settings,
+)
+from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text, strict_dumps
 from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.metrics import read_metrics
 
@@ -70,8 +78,10 @@ ROW_KEYS = (
 class Run:
     path: Path
     name: str
-    cfg: RecipeConfig
+    cfg: RecipeConfig  # config.yaml: the latest invocation in that folder
     stages: dict  # manifest entries of the finished stages
+    settings: dict  # stage -> the settings it ran with (its settings.yaml; None for older folders)
+    model: ModelConfig  # the base the run's SFT stage was trained on
 
 
 @dataclass
@@ -89,17 +99,23 @@ class Policy:
 # runs
 
 
-def open_run(path: str | Path) -> Run:
+def open_run(path: str | Path, trust_remote_code: bool = False) -> Run:
     """A run folder with its resolved config and finished stages; a clear error for anything else."""
-    run, cfg = read_run(path)
+    run, cfg = read_run(path, trust_remote_code)
     stages = Manifest(run).data["stages"]
     if "sft" not in stages:
         raise UserError(f"{run}: compare needs the run's finished sft stage (its policies' reference and baseline)")
-    return Run(run, run.resolve().name, cfg, stages)
+    settings = {s: read_stage_settings(run / STAGE_DIRS[s]) for s in stages if s in STAGE_DIRS}
+    model = stage_model(run / STAGE_DIRS["sft"], cfg, trust_remote_code)
+    return Run(run, run.resolve().name, cfg, stages, settings, model)
 
 
 def method_of(run: Run, stage: str) -> str:
-    return run.cfg.ppo.advantage.replace("gae", "ppo") if stage == "ppo" else stage
+    """The method that trained `stage`, from the settings it ran with (config.yaml may be a later invocation's)."""
+    if stage != "ppo":
+        return stage
+    recorded = (run.settings.get("ppo") or {}).get("ppo") or {}
+    return recorded.get("advantage", run.cfg.ppo.advantage).replace("gae", "ppo")
 
 
 def build_policies(runs: list[Run], reward_from: Run | None) -> tuple[list[Policy], dict[str, Path]]:
@@ -135,9 +151,9 @@ def build_policies(runs: list[Run], reward_from: Run | None) -> tuple[list[Polic
         raise UserError(
             f"no finished ppo or dpo stage in {', '.join(str(r.path) for r in runs)}; nothing to compare with SFT"
         )
-    base = {k: getattr(runs[0].cfg.model, k) for k in BASE_KEYS}
+    base = {k: getattr(runs[0].model, k) for k in BASE_KEYS}
     for run in runs[1:]:
-        other = {k: getattr(run.cfg.model, k) for k in BASE_KEYS}
+        other = {k: getattr(run.model, k) for k in BASE_KEYS}
         if other != base:
             diff = ", ".join(f"model.{k}: {base[k]!r} vs {other[k]!r}" for k in BASE_KEYS if base[k] != other[k])
             raise UserError(
@@ -497,13 +513,18 @@ def write_markdown(out: Path, report: dict, samples: list[dict], examples: int =
 # entry points
 
 
-def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: str | Path) -> dict:
-    """Sample, score and report; returns the report (also written to `out/report.json`)."""
-    runs = [open_run(p) for p in run_dirs]
+def compare_runs(
+    run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: str | Path, trust_remote_code: bool = False
+) -> dict:
+    """Sample, score and report; returns the report (also written to `out/report.json`).
+
+    `trust_remote_code` allows runs whose config.yaml sets `model.trust_remote_code: true`.
+    """
+    runs = [open_run(p, trust_remote_code) for p in run_dirs]
     paths = [r.path.resolve() for r in runs]
     if len(set(paths)) != len(paths):
         raise UserError("the same run folder is listed twice")
-    reward_from = open_run(cc.reward_from) if cc.reward_from else None
+    reward_from = open_run(cc.reward_from, trust_remote_code) if cc.reward_from else None
     judges = load_reward_fns(cc.judge, "judge")
     policies, dirs = build_policies(runs, reward_from)
     first = runs[0].cfg
@@ -522,7 +543,7 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
     for judge in judges:
         judge.check_call(list(columns))
 
-    model, tokenizer = load_base(first.model)
+    model, tokenizer = load_base(runs[0].model)
     prompts, texts, cut = tokenize_prompts(rows, tokenizer, cc.max_prompt_length, name)
     if cut:
         logger.warning("%s: %d prompts were longer than max_prompt_length and were cut from the left", name, cut)
@@ -543,14 +564,14 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
         sampling,
         seed,
         cc.batch_size,
-        first.model.logprob_chunk_size,
+        runs[0].model.logprob_chunk_size,
         judges,
         columns,
         name,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    atomic_write_text(out / "samples.jsonl", "".join(strict_dumps(r, ensure_ascii=False) + "\n" for r in samples))
     summary = summarize(samples)
     report = {
         "runs": [str(r.path) for r in runs],
@@ -578,12 +599,16 @@ def compare_runs(run_dirs: list[str | Path], cc: CompareConfig, seed: int, out: 
     return report
 
 
+@locked_stage
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """The pipeline's compare stage: this run's policies (and `compare.runs`) -> `output_dir/compare/`."""
     stage_dir, manifest, done = begin_stage(cfg, "compare", force)
     if done:
         return stage_dir
-    report = compare_runs([cfg.output_dir, *cfg.compare.runs], cfg.compare, cfg.seed, stage_dir)
+    # The recipe's own trust_remote_code is the user's explicit choice for the runs it lists.
+    report = compare_runs(
+        [cfg.output_dir, *cfg.compare.runs], cfg.compare, cfg.seed, stage_dir, cfg.model.trust_remote_code
+    )
     manifest.mark_finished(
         "compare",
         {

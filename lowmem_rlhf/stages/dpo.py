@@ -27,7 +27,7 @@ from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.ops import dpo_loss, pairwise_accuracy
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
+from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
 from lowmem_rlhf.train.loop import LoopResult, TrainLoop, fingerprint
 
@@ -182,6 +182,7 @@ def train_dpo(
     return loop.run()
 
 
+@locked_stage
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """Run (or resume, or skip) the DPO stage; returns `output_dir/dpo`."""
     dc = cfg.dpo
@@ -189,7 +190,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
         raise UserError("recipe: `dpo.dataset` is not set; point it at your preference data (see docs/data.md)")
     sft_dir, sft_done = finished_stage_dir(cfg, "sft", "dpo")
     settings = {**stage_settings(cfg, "dpo"), "sft": sft_done.get("settings")}
-    stage_dir, manifest, done = begin_stage(cfg, "dpo", force)
+    stage_dir, manifest, done = begin_stage(cfg, "dpo", force, settings)
     if done:
         return stage_dir
     seed_everything(cfg.seed)

@@ -31,7 +31,7 @@ from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.rewards import RewardFunction, load_reward_fns, score_samples
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
-from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
+from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
 from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.ppo import PPOTrainer
@@ -122,6 +122,7 @@ def evaluate_roles(
     }
 
 
+@locked_stage
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """Run (or resume, or skip) the RL stage; returns `output_dir/ppo`."""
     pc = cfg.ppo
@@ -132,7 +133,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     settings = {**stage_settings(cfg, "ppo"), "sft": sft_done.get("settings"), "rm": rm_done.get("settings")}
     reward_fns = load_reward_fns(pc.reward_funcs)
     judges = load_reward_fns(pc.judges, "judge")
-    stage_dir, manifest, done = begin_stage(cfg, "ppo", force)
+    stage_dir, manifest, done = begin_stage(cfg, "ppo", force, settings)
     if done:
         return stage_dir
     seed_everything(cfg.seed)

@@ -23,7 +23,7 @@ from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.ops.preference import bradley_terry_loss, pairwise_accuracy, pearson
-from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, seed_everything, stage_settings
+from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
 from lowmem_rlhf.train.loop import LoopResult, TrainLoop, fingerprint
 
@@ -134,6 +134,7 @@ def train_reward(
     return result, diagnostics
 
 
+@locked_stage
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """Run (or resume, or skip) the reward-model stage; returns `output_dir/reward`."""
     rc = cfg.rm
@@ -144,7 +145,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     if rc.init_from == "sft":
         sft_dir, sft_done = finished_stage_dir(cfg, "sft", "rm")
         settings["sft"] = sft_done.get("settings")
-    stage_dir, manifest, done = begin_stage(cfg, "rm", force)
+    stage_dir, manifest, done = begin_stage(cfg, "rm", force, settings)
     if done:
         return stage_dir
     seed_everything(cfg.seed)

@@ -14,7 +14,7 @@ from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
-from lowmem_rlhf.stages.common import begin_stage, seed_everything, stage_settings
+from lowmem_rlhf.stages.common import begin_stage, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.loop import TrainLoop, fingerprint
 from lowmem_rlhf.train.losses import sft_loss_sum
 
@@ -39,6 +39,7 @@ def _load_examples(source: str, split: str, tokenizer, cfg: RecipeConfig, limit:
     return examples
 
 
+@locked_stage
 def run(cfg: RecipeConfig, force: bool = False) -> Path:
     """Run (or resume, or skip) the SFT stage; returns `output_dir/sft`, a standard PEFT adapter folder."""
     sc = cfg.sft

@@ -1,8 +1,12 @@
-"""Atomic file writes: a killed process never leaves a half-written file under its final name."""
+"""Atomic file writes: a killed process never leaves a half-written file under its final name.
+
+JSON is strict: a NaN or inf is written as null (NaN is not JSON, and a reader such as `jq` rejects it).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -26,8 +30,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_or_none(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None (JSON null), in nested dicts and lists too."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
+def strict_dumps(data: Any, **kw: Any) -> str:
+    """json.dumps that writes NaN/inf as null instead of the non-JSON `NaN`/`Infinity`."""
+    return json.dumps(finite_or_none(data), allow_nan=False, **kw)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, strict_dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def ensure_writable_dir(path: str | Path, what: str) -> Path:

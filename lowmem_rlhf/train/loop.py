@@ -9,6 +9,11 @@ prompt masking of `lowmem_rlhf.data`, (3) compute log-probs chunk by chunk (pitf
 Data order is a pure function of (seed, epoch), and the data cursor is derivable from the step
 (micro-batch m = step * accumulation + k), so a checkpoint only needs the step, the weights, the
 optimizer, the scheduler and the RNG states.
+
+A step whose loss or gradient norm is NaN/inf is skipped (its gradients dropped, the weights and the
+optimizer state untouched; the schedule and the data cursor still advance) and counted in
+`skipped_steps`; `max_consecutive_skips` skips in a row stop the stage with an error, without a new
+checkpoint and without marking the stage finished.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +84,39 @@ def interrupted(exc: BaseException, name: str, step: int, total: int, saved: Pat
     return UserError(f"{name} ran out of GPU memory at step {step + 1}; {where}. Lower {lower}, then re-run to resume")
 
 
+def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """The total gradient norm before clipping; clips to `max_norm` when it is > 0."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def step_or_skip(optimizer, scheduler, finite: bool) -> None:
+    """optimizer.step() only when the loss and gradients are finite; the schedule advances either way."""
+    if finite:
+        optimizer.step()
+    with warnings.catch_warnings():  # torch warns when the very first optimizer step was the one skipped
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def diverged(name: str, step: int, total: int, skips: int, saved: Path | None, cfg) -> UserError:
+    """The one-line error when `skips` optimizer steps in a row had a non-finite loss or gradient norm."""
+    kept = f"the last checkpoint {saved} is kept" if saved else "no checkpoint was saved before it"
+    clip = (
+        f"lower {name}.max_grad_norm (now {cfg.max_grad_norm})"
+        if cfg.max_grad_norm > 0
+        else f"set {name}.max_grad_norm (e.g. 1.0)"
+    )
+    return UserError(
+        f"{name} stopped at step {step}/{total}: the loss or gradient norm was NaN or inf in {skips} steps in a row "
+        f"(each was skipped); {kept} and the stage is not marked finished. Lower {name}.learning_rate (now "
+        f"{cfg.learning_rate:g}) or {clip}, then re-run with --force"
+    )
+
+
 def fingerprint(data: Any) -> str:
     """A short hash of the settings a checkpoint depends on; resuming under other settings is refused."""
     return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
@@ -124,6 +163,8 @@ class TrainLoop:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.ckpt = Checkpointer(self.stage_dir / "checkpoints", cfg.save_total_limit, fingerprint(settings), name)
         self._order_cache: tuple[int, list[int]] | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self.skips_in_a_row = 0
 
     # ------------------------------------------------------------------ data order
 
@@ -149,7 +190,7 @@ class TrainLoop:
             roles=[self.role],
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            extra=self.clock.state(),
+            extra={**self.clock.state(), "skipped_steps": self.skipped_steps, "skips_in_a_row": self.skips_in_a_row},
         )
 
     # ------------------------------------------------------------------ the loop
@@ -172,16 +213,16 @@ class TrainLoop:
                 loss_total += loss_sum.item()
                 for k, v in metric_sums.items():
                     sums[k] = sums.get(k, 0.0) + v
-        grad_norm = None
-        if self.cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        grad_norm = grad_norm_(self.params, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        step_or_skip(self.optimizer, self.scheduler, finite)
+        self.skipped_steps += not finite
+        self.skips_in_a_row = 0 if finite else self.skips_in_a_row + 1
         metrics = {"loss": loss_total / total, "lr": lr, **{k: v / total for k, v in sums.items()}}
-        if grad_norm is not None:
+        if self.cfg.max_grad_norm > 0:
             metrics["grad_norm"] = grad_norm
+        metrics["skipped_steps"] = self.skipped_steps
         return metrics
 
     def run(self) -> LoopResult:
@@ -194,8 +235,9 @@ class TrainLoop:
                 latest, bank=self.bank, roles=[self.role], optimizer=self.optimizer, scheduler=self.scheduler
             )
             self.clock.resume(extra)
-            log.truncate_after(start)
+            self.skipped_steps, self.skips_in_a_row = extra.get("skipped_steps", 0), extra.get("skips_in_a_row", 0)
             logger.info("%s: resuming from %s (step %d of %d)", self.name, latest, start, self.total_steps)
+        log.truncate_after(start)  # records of a run killed after its last checkpoint (or before the first)
         step = start
         last: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=start, desc=self.name, unit="step", dynamic_ncols=True, disable=None)
@@ -205,13 +247,14 @@ class TrainLoop:
                 step += 1
                 last = metrics
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipped_steps)
                 at_end = step == self.total_steps
+                stop = self.skips_in_a_row >= self.cfg.max_consecutive_skips
                 if self.eval_fn is not None and (
                     at_end or (self.cfg.eval_steps > 0 and step % self.cfg.eval_steps == 0)
                 ):
                     metrics.update(self.eval_fn(self.bank))
-                if at_end or step % self.cfg.logging_steps == 0 or any(k.startswith("eval_") for k in metrics):
+                if stop or at_end or step % self.cfg.logging_steps == 0 or any(k.startswith("eval_") for k in metrics):
                     metrics["epoch"] = step * self.cfg.gradient_accumulation_steps / self.micro_per_epoch
                     metrics["elapsed_s"] = self.clock.elapsed()
                     metrics.update(peak_memory(self.bank.device))
@@ -224,7 +267,11 @@ class TrainLoop:
                             if isinstance(v, float) and k not in ("elapsed_s", "peak_rss_gb", "peak_gpu_memory_gb")
                         )
                     )
-                if at_end or (self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0):
+                if stop:
+                    raise diverged(self.name, step, self.total_steps, self.skips_in_a_row, self.ckpt.latest(), self.cfg)
+                # a periodic checkpoint is never taken inside a run of skipped steps: the last good one stays
+                periodic = self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0 and not self.skips_in_a_row
+                if at_end or periodic:
                     self.save_checkpoint(step)
         except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,8 @@
-"""Metric sinks: metrics.jsonl always, TensorBoard and W&B when the recipe's `report_to` asks."""
+"""Metric sinks: metrics.jsonl always, TensorBoard and W&B when the recipe's `report_to` asks.
+
+metrics.jsonl is strict JSON (one object per line): a NaN or inf value is written as null and its key
+is listed in the record's `nonfinite` field, so a diverging run is visible, never silent.
+"""
 
 from __future__ import annotations
 
@@ -36,30 +40,44 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: they came from a run killed after its last checkpoint."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {
-            "step": step,
-            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
-        }
+        nonfinite = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        record = {"step": step, **{k: (None if k in nonfinite else v) for k, v in metrics.items()}}
+        if nonfinite:
+            record["nonfinite"] = nonfinite
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        finite = {k: v for k, v in metrics.items() if k not in nonfinite}
         if self._tb is not None:
-            for k, v in metrics.items():
+            for k, v in finite.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log(finite, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of a `{"step": ...}` JSONL file up to `step` (a line cut short by a kill is dropped too)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -20,7 +20,6 @@ equality is exact, not approximate; later epochs shuffle.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -57,9 +56,18 @@ from lowmem_rlhf.ops.preference import pearson
 from lowmem_rlhf.rewards import RewardFunction, score_samples
 from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate, stop_token_ids
 from lowmem_rlhf.train.checkpoint import Checkpointer
-from lowmem_rlhf.train.loop import build_optimizer, build_scheduler, fingerprint, interrupted
+from lowmem_rlhf.train.io import strict_dumps
+from lowmem_rlhf.train.loop import (
+    build_optimizer,
+    build_scheduler,
+    diverged,
+    fingerprint,
+    grad_norm_,
+    interrupted,
+    step_or_skip,
+)
 from lowmem_rlhf.train.losses import sft_loss_sum
-from lowmem_rlhf.train.metrics import MetricsLogger
+from lowmem_rlhf.train.metrics import MetricsLogger, truncate_jsonl
 from lowmem_rlhf.train.usage import StageClock, peak_memory
 
 logger = logging.getLogger(__name__)
@@ -140,6 +148,41 @@ def response_forward(
     return logprobs, values, entropies
 
 
+class DivergenceWatch:
+    """Warns once each when RL drifts: KL far above its target, or the EOS rate collapsing.
+
+    KL: the mean per-response KL to the reference above KL_ALARM x target_kl (whether or not the
+    adaptive controller is on). EOS: the share of responses ending with EOS below half of the first
+    iteration's (when that was at least 20%): responses are running into max_new_tokens.
+    """
+
+    KL_ALARM = 3.0
+
+    def __init__(self, pc: PPOConfig, eos_rate_start: float | None = None):
+        self.pc, self.eos_rate_start, self.warned = pc, eos_rate_start, set()
+
+    def check(self, step: int, m: dict[str, float]) -> list[str]:
+        pc, lines = self.pc, []
+        if self.eos_rate_start is None:
+            self.eos_rate_start = m["eos_rate"]
+        if "kl" not in self.warned and m["kl"] > self.KL_ALARM * pc.target_kl:
+            self.warned.add("kl")
+            lines.append(
+                f"ppo iteration {step}: the KL to the reference is {m['kl']:.1f} nats per response, over "
+                f"{self.KL_ALARM:g}x ppo.target_kl ({pc.target_kl:g}): the policy is drifting far from SFT; raise "
+                f"ppo.kl_coef (now {m['kl_coef']:.3g}), set ppo.adaptive_kl: true, or lower ppo.learning_rate"
+            )
+        start = self.eos_rate_start
+        if "eos" not in self.warned and start >= 0.2 and m["eos_rate"] < 0.5 * start:
+            self.warned.add("eos")
+            lines.append(
+                f"ppo iteration {step}: only {m['eos_rate']:.0%} of responses end with EOS ({start:.0%} at the "
+                "start): they are running into ppo.max_new_tokens; set ppo.missing_eos_penalty, raise ppo.kl_coef, "
+                "or lower ppo.learning_rate"
+            )
+        return lines
+
+
 @dataclass
 class PPOResult:
     steps: int
@@ -201,6 +244,9 @@ class PPOTrainer:
         self.eos_ids = end_of_turn_ids(tokenizer)
         self.stop_ids = set(stop_token_ids(bank, self.eos_ids))
         self.last_rollout: Rollout | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self.skips_in_a_row = 0
+        self.watch = DivergenceWatch(pc)
 
     # ------------------------------------------------------------------ 1-5: experience
 
@@ -361,6 +407,7 @@ class PPOTrainer:
             for mb_start in range(0, n, pc.mini_batch_size):
                 mb = order[mb_start : mb_start + pc.mini_batch_size]
                 mb_tokens = ro.response_mask[mb].sum().clamp(min=1)
+                losses = []
                 for mi in range(0, len(mb), pc.micro_batch_size):
                     idx = mb[mi : mi + pc.micro_batch_size]
                     stats = self._micro_step(ro, idx, float(ro.response_mask[idx].sum() / mb_tokens))
@@ -368,20 +415,28 @@ class PPOTrainer:
                         first_dev = max(first_dev, stats.pop("max_logratio"))
                     else:
                         stats.pop("max_logratio")
+                    losses += [stats["pg_loss"], stats.get("value_loss", 0.0)]
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
                 if self.ptx_batches is not None and pc.ptx_coef > 0:
                     k = (step * pc.ppo_epochs + epoch) * n_minibatches + mb_start // pc.mini_batch_size
-                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + self._ptx_step(k) * (len(mb) / pc.micro_batch_size)
+                    losses.append(self._ptx_step(k))
+                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + losses[-1] * (len(mb) / pc.micro_batch_size)
+                norm = grad_norm_(self.params, pc.max_grad_norm)
                 if pc.max_grad_norm > 0:
-                    norm = float(torch.nn.utils.clip_grad_norm_(self.params, pc.max_grad_norm))
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm * (len(mb) / pc.micro_batch_size)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                finite = math.isfinite(norm) and all(math.isfinite(v) for v in losses)
+                step_or_skip(self.optimizer, self.scheduler, finite)
+                self.skipped_steps += not finite
+                self.skips_in_a_row = 0 if finite else self.skips_in_a_row + 1
+                if self.skips_in_a_row >= pc.max_consecutive_skips:
+                    break  # the run stops after logging this iteration
+            if self.skips_in_a_row >= pc.max_consecutive_skips:
+                break
         metrics = {k: v / count for k, v in sums.items()}
         metrics["first_minibatch_max_logratio"] = first_dev
+        metrics["skipped_steps"] = self.skipped_steps
         return metrics
 
     def _micro_step(self, ro: Rollout, idx: torch.Tensor, weight: float) -> dict[str, float]:
@@ -499,7 +554,7 @@ class PPOTrainer:
                 row["reward_funcs"] = {name: scores[j] for name, scores in ro.reward_fns.items()}
             row["score"] = float(ro.scores[j])
             row.update({name: scores[j] for name, scores in (ro.judges or {}).items()})
-            rows.append(json.dumps(row, ensure_ascii=False))
+            rows.append(strict_dumps(row, ensure_ascii=False))
         with (self.stage_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
 
@@ -510,7 +565,13 @@ class PPOTrainer:
             roles=self.train_roles,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            extra={"kl_coef": self.kl_ctl.value, **self.clock.state()},
+            extra={
+                "kl_coef": self.kl_ctl.value,
+                **self.clock.state(),
+                "skipped_steps": self.skipped_steps,
+                "skips_in_a_row": self.skips_in_a_row,
+                "eos_rate_start": self.watch.eos_rate_start,
+            },
         )
 
     def run(self) -> PPOResult:
@@ -525,8 +586,12 @@ class PPOTrainer:
             )
             self.kl_ctl.value = extra["kl_coef"]
             self.clock.resume(extra)
-            log.truncate_after(start)
+            self.skipped_steps, self.skips_in_a_row = extra.get("skipped_steps", 0), extra.get("skips_in_a_row", 0)
+            self.watch.eos_rate_start = extra.get("eos_rate_start")
             logger.info("ppo: resuming from %s (iteration %d of %d)", latest, start, pc.num_steps)
+        # records of a run killed after its last checkpoint (or before the first): they are redone
+        log.truncate_after(start)
+        truncate_jsonl(self.stage_dir / "samples.jsonl", start)
         step, last = start, {}
         bar = tqdm(total=pc.num_steps, initial=start, desc=f"ppo ({pc.advantage})", unit="it", disable=None)
         try:
@@ -542,8 +607,13 @@ class PPOTrainer:
                 metrics.update(peak_memory(self.bank.device))
                 last = metrics
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
-                if step % pc.logging_steps == 0 or step == pc.num_steps:
+                bar.set_postfix(
+                    reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", skipped=self.skipped_steps
+                )
+                for line in self.watch.check(step, metrics):
+                    logger.warning("%s", line)
+                stop = self.skips_in_a_row >= pc.max_consecutive_skips
+                if stop or step % pc.logging_steps == 0 or step == pc.num_steps:
                     log.log(step, metrics)
                     shown = (
                         "reward_raw",
@@ -562,7 +632,11 @@ class PPOTrainer:
                     )
                 if step % pc.sample_log_steps == 0 or step == pc.num_steps:
                     self._log_samples(step, ro)
-                if step == pc.num_steps or (pc.save_steps > 0 and step % pc.save_steps == 0):
+                if stop:
+                    raise diverged("ppo", step, pc.num_steps, self.skips_in_a_row, self.ckpt.latest(), pc)
+                # a periodic checkpoint is never taken inside a run of skipped steps: the last good one stays
+                periodic = pc.save_steps > 0 and step % pc.save_steps == 0 and not self.skips_in_a_row
+                if step == pc.num_steps or periodic:
                     self.save_checkpoint(step)
         except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
             self.optimizer.zero_grad(set_to_none=True)
