@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lowmem_rlhf.config import RecipeConfig
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimators import ESTIMATORS
 from lowmem_rlhf.model.shapes import HUB_ALIASES, SHAPES
 
 logger = logging.getLogger(__name__)
@@ -315,15 +316,16 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
         mb = batch or pc.micro_batch_size
         new = length or pc.max_new_tokens
         s = pc.max_prompt_length + new
-        critic = pc.advantage == "gae" and pc.critic == "separate"
+        estimator = ESTIMATORS[pc.advantage]
+        critic = estimator.critic and pc.critic == "separate"
         # no reward role (nor its head) when the score comes from reward functions alone
         roles = ["policy", "reference"] + (["reward"] if pc.reward_model else []) + (["value"] if critic else [])
-        heads = pc.reward_model + (pc.advantage == "gae")  # reward head, and the value head (separate or shared)
+        heads = pc.reward_model + estimator.critic  # reward head, and the value head (separate or shared)
         items = base + [
             (f"LoRA adapters (fp32): {', '.join(roles)}", len(roles) * 4 * sum(adapter)),
             ("score/value heads", heads * head),
         ]
-        n_rollout = pc.rollout_batch_size * (pc.group_size if pc.advantage in ("grpo", "rloo") else 1)
+        n_rollout = pc.rollout_batch_size * estimator.samples_per_prompt(pc.group_size)
         # sequences of the largest generate call; a compiled rollout fills its short calls up to the batch size
         n_gen = min(pc.generation_batch_size or n_rollout, n_rollout)
         if pc.compile_generation and pc.generation_batch_size:
@@ -341,7 +343,7 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
         update = activation_terms(mb, s, logits=True)
         # the rollout's KV cache is freed before the update: the peak is the larger of the two phases
         phase = rollout if sum(b for _, b in rollout) > sum(b for _, b in update) else update
-        items += state_terms(1 + critic, int(pc.advantage == "gae"), pc.optimizer) + phase
+        items += state_terms(1 + critic, int(estimator.critic), pc.optimizer) + phase
         items.append(buffers)
         return StageEstimate(stage, items, "ppo.micro_batch_size", mb, "ppo.max_new_tokens", new)
     raise ValueError(f"no memory model for stage {stage!r}")
