@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowmem_rlhf.builtins import is_builtin, model_path, model_shape
 from lowmem_rlhf.config import RecipeConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimators import ESTIMATORS
@@ -121,17 +122,18 @@ class Shape:
 
 
 def resolve_shape(name_or_path: str) -> tuple[Shape, str]:
-    """(shape, where it came from) for a known shape name, a Hub id with a known shape, `builtin:tiny`,
+    """(shape, where it came from) for a known shape name, a Hub id with a known shape, a `builtin:` model,
     a local folder with config.json, or a Hub id whose config.json is in the local Hub cache. Offline."""
     if name_or_path in SHAPES:
         return Shape.from_config(SHAPES[name_or_path]), f"known shape {name_or_path}"
     if name_or_path in HUB_ALIASES:
         key = HUB_ALIASES[name_or_path]
         return Shape.from_config(SHAPES[key]), f"known shape {key}"
-    if name_or_path == "builtin:tiny":
-        from lowmem_rlhf.tiny.model import TINY_LLAMA, VOCAB_SIZE
-
-        return Shape.from_config({**TINY_LLAMA, "vocab_size": VOCAB_SIZE}), "the bundled tiny model"
+    if is_builtin(name_or_path):
+        registered = model_shape(name_or_path)
+        if registered is not None:
+            return Shape.from_config(registered), f"the bundled model {name_or_path}"
+        name_or_path = model_path(name_or_path)  # no registered shape: build it and read its config.json
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
