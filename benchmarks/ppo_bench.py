@@ -39,6 +39,7 @@ from benchmarks.shapes import SHAPES, SPECIAL_TOKENS, build_config, build_random
 from lowmem_rlhf.config import LoRAConfig, ModelConfig, PPOConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
+from lowmem_rlhf.estimators import ESTIMATORS
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, resolve_device, resolve_dtype
 from lowmem_rlhf.model.scoring import sequence_scores
@@ -124,12 +125,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--advantage",
-        choices=("gae", "grpo", "rloo", "remax"),
+        choices=tuple(ESTIMATORS),
         default="gae",
-        help="gae: PPO with the value role; grpo / rloo / remax: critic-free (no value role, --group-size samples "
-        "per prompt for grpo and rloo).",
+        help="ppo.advantage: gae is PPO with the value role; the others are critic-free (no value role; "
+        "--group-size samples per prompt for the grouped ones).",
     )
-    p.add_argument("--group-size", type=_positive, default=4, help="Samples per prompt for grpo and rloo.")
+    p.add_argument(
+        "--group-size",
+        type=_positive,
+        default=4,
+        help="Samples per prompt for " + " and ".join(e.name for e in ESTIMATORS.values() if e.grouped) + ".",
+    )
     p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient beta.")
     p.add_argument(
         "--generation-batch-size",
@@ -157,10 +163,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--generation-batch-size must be 0 or more")
     if args.compile_generation and args.generation_cache != "static":
         p.error("--compile-generation needs --generation-cache static")
-    if args.advantage != "gae" and args.mode != "shared":
+    estimator = ESTIMATORS[args.advantage]
+    if not estimator.critic and args.mode != "shared":
         p.error("the separate baseline is the four-model PPO (--advantage gae); use --mode shared for the others")
-    if args.advantage in ("grpo", "rloo") and args.group_size < 2:
-        p.error(f"--advantage {args.advantage} needs --group-size 2 or more")
+    if args.group_size < estimator.min_group_size:
+        p.error(f"--advantage {args.advantage} needs --group-size {estimator.min_group_size} or more")
     return args
 
 
@@ -676,7 +683,7 @@ def run(args: argparse.Namespace) -> dict:
             "new_tokens": args.new_tokens,
             "micro_batch": args.micro_batch,
             "advantage": args.advantage,
-            "group_size": args.group_size if args.advantage in ("grpo", "rloo") else 1,
+            "group_size": ESTIMATORS[args.advantage].samples_per_prompt(args.group_size),
             "generation_batch_size": args.generation_batch_size,
             "generation_cache": args.generation_cache,
             "compile_generation": args.compile_generation,
@@ -746,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments, write the JSON and print a summary."""
     args = parse_args(argv)
     result = run(args)
-    path = write_result(result, args.out, "ppo" if args.advantage == "gae" else args.advantage, args.shape)
+    path = write_result(result, args.out, ESTIMATORS[args.advantage].label, args.shape)
     print(summary(result, path))
     return result
 

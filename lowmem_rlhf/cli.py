@@ -11,11 +11,11 @@ import errno
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from lowmem_rlhf import __version__
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.logs import setup_logging
 
 POLICY_STAGES = ("sft", "ppo", "dpo")  # stages whose folder holds a policy adapter to sample from
 STAGE_COMMANDS = {
@@ -25,19 +25,6 @@ STAGE_COMMANDS = {
     "dpo": "lowmem_rlhf.stages.dpo",
     "compare": "lowmem_rlhf.stages.compare",
 }
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True)
-    if not verbose:
-        # Library chatter that says nothing to our users (e.g. an optional CPU kernel package).
-        for name in ("bitsandbytes", "transformers", "peft", "httpx", "datasets"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|bitsandbytes)\..*")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _stage_module(name: str):

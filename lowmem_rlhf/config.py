@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimators import ESTIMATOR_NAMES, ESTIMATORS
 
 STAGES = ("sft", "rm", "ppo", "dpo", "compare")
 REPORT_SINKS = ("tensorboard", "wandb")
@@ -270,7 +271,7 @@ class DPOConfig(TrainingConfig):
 
 @dataclass
 class PPOConfig(_Checked):
-    """RL on one backbone: PPO with a critic (GAE) or critic-free GRPO / RLOO / ReMax."""
+    """RL on one backbone: PPO with a critic (GAE) or a critic-free estimator (GRPO, RLOO, ReMax, REINFORCE++)."""
 
     dataset: str | None = _f(None, "RL prompts: rows {prompt} (text or messages) or {messages}, same sources as sft.")
     dataset_split: str = _f("train", "Split to use when `dataset` is a Hub dataset id.")
@@ -278,8 +279,11 @@ class PPOConfig(_Checked):
     eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
     eval_samples: int = _f(64, "Held-out prompts used for the before/after report (0 = none).", range=NON_NEGATIVE)
     max_prompt_length: int = _f(512, "Prompts are cut from the left to this many tokens.", range=AT_LEAST_1)
-    advantage: Literal["gae", "grpo", "rloo", "remax"] = _f(
-        "gae", "gae = PPO with a critic; grpo / rloo / remax drop the value model and its memory."
+    advantage: Literal[ESTIMATOR_NAMES] = _f(
+        "gae",
+        "Advantage estimator (table in docs/ppo.md): "
+        + ", ".join(e.name + (" (PPO with a critic)" if e.critic else "") for e in ESTIMATORS.values())
+        + "; the critic-free ones drop the value model and its memory.",
     )
     critic: Literal["separate", "shared"] = _f(
         "separate",
@@ -288,7 +292,11 @@ class PPOConfig(_Checked):
     num_steps: int = _f(100, "PPO iterations (rollout + update).", range=AT_LEAST_1)
     rollout_batch_size: int = _f(16, "Prompts per iteration.", range=AT_LEAST_1)
     group_size: int = _f(
-        4, "Samples per prompt for grpo and rloo (gae and remax use 1 sample + remax's greedy).", range=AT_LEAST_1
+        4,
+        "Samples per prompt for "
+        + " and ".join(e.name for e in ESTIMATORS.values() if e.grouped)
+        + " (the other estimators sample 1 per prompt; remax adds the greedy response).",
+        range=AT_LEAST_1,
     )
     mini_batch_size: int = _f(8, "Sequences per optimizer step within a PPO epoch.", range=AT_LEAST_1)
     micro_batch_size: int = _f(
@@ -356,9 +364,9 @@ class PPOConfig(_Checked):
         0.0, "Subtracted from the score of a response that did not end with EOS.", range=NON_NEGATIVE
     )
     length_penalty: float = _f(0.0, "Subtracted from the score per response token.")
-    gamma: float = _f(1.0, "GAE discount.", range=UNIT)
+    gamma: float = _f(1.0, "Discount of gae and reinforce_pp.", range=UNIT)
     lam: float = _f(0.95, "GAE lambda.", range=UNIT)
-    whiten_advantages: bool = _f(True, "Standardise advantages over each rollout.")
+    whiten_advantages: bool = _f(True, "Standardise gae's advantages over each rollout.")
     clip_range: float = _f(0.2, "PPO ratio clip epsilon.", range=POSITIVE)
     clip_range_value: float = _f(0.2, "Value clip range around the rollout's values.", range=POSITIVE)
     vf_coef: float = _f(0.5, "Weight of the value loss.", range=NON_NEGATIVE)
@@ -386,8 +394,11 @@ class PPOConfig(_Checked):
             raise UserError(
                 "`compile_generation: true` needs `generation_cache: static` (compiled steps need fixed shapes)"
             )
-        if self.advantage in ("grpo", "rloo") and self.group_size < 2:
-            raise UserError(f"`group_size` must be at least 2 for advantage={self.advantage}, got {self.group_size}")
+        least = ESTIMATORS[self.advantage].min_group_size
+        if self.group_size < least:
+            raise UserError(
+                f"`group_size` must be at least {least} for advantage={self.advantage}, got {self.group_size}"
+            )
         if self.mini_batch_size % self.micro_batch_size:
             raise UserError(
                 f"`mini_batch_size` ({self.mini_batch_size}) must be a multiple of `micro_batch_size` "

@@ -17,6 +17,7 @@ from lowmem_rlhf.ops import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    reinforce_pp_advantages,
     rloo_advantages,
 )
 
@@ -151,6 +152,23 @@ def test_rloo_advantages_by_hand():
         rloo_advantages(_t([1.0, 2.0]), 1)
     with pytest.raises(ValueError, match="group"):
         rloo_advantages(_t([1.0, 2.0, 3.0]), 2)
+
+
+def test_reinforce_pp_advantages_by_hand():
+    # gamma 1: returns-to-go [3, 2, 2] and [2, 1.5, -]; over the 5 valid tokens mean 2.1, deviations
+    # [.9, -.1, -.1, -.1, -.6], population variance 1.2 / 5 = .24
+    rewards = _t([[1.0, 0.0, 2.0], [0.5, 1.5, 99.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    s = math.sqrt(0.24)
+    want = _t([[0.9 / s, -0.1 / s, -0.1 / s], [-0.1 / s, -0.6 / s, 0.0]])
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask, 1.0), want)
+    # gamma .5: returns [1.5, 1, 2] and [1.25, 1.5, -]; mean 1.45, population variance .55 / 5 = .11
+    s = math.sqrt(0.11)
+    want = _t([[0.05 / s, -0.45 / s, 0.55 / s], [-0.2 / s, 0.05 / s, 0.0]])
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask, 0.5), want)
+    # equal returns everywhere: no spread to normalise by (variance clamped at 1e-8), advantages 0, finite
+    flat = reinforce_pp_advantages(_t([[0.0, 1.0], [0.0, 1.0]]), torch.ones(2, 2, dtype=torch.bool), 1.0)
+    torch.testing.assert_close(flat, torch.zeros(2, 2, dtype=F64))
 
 
 def test_explained_variance_by_hand():
@@ -326,6 +344,26 @@ def test_group_and_rloo_advantages_match_loop(group_size, seed):
     torch.testing.assert_close(rloo_advantages(scores, group_size), _t(want_rloo))
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reinforce_pp_advantages_match_loop(gamma, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, t = 5, 7
+    mask = _prefix_mask(g, b, t)
+    rewards = _fill(torch.randn(b, t, generator=g, dtype=F64), mask, 1e6)
+    returns = []
+    for row, n in zip(rewards.tolist(), mask.sum(1).tolist(), strict=True):
+        running, row_returns = 0.0, [0.0] * t
+        for i in reversed(range(n)):
+            running = row[i] + gamma * running
+            row_returns[i] = running
+        returns.append(row_returns)
+    valid = [returns[i][j] for i in range(b) for j in range(t) if mask[i, j]]
+    mean, std = statistics.mean(valid), math.sqrt(max(statistics.pvariance(valid), 1e-8))
+    want = [[(returns[i][j] - mean) / std if mask[i, j] else 0.0 for j in range(t)] for i in range(b)]
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask, gamma), _t(want))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_per_token_rewards_matches_loop(seed):
     g = torch.Generator().manual_seed(seed)
@@ -407,6 +445,7 @@ def test_masked_positions_never_affect_results():
             "value_stats": torch.stack(list(ppo_value_loss(a, bb, c, mask, 0.2)[1].values())),
             "ev": explained_variance(a, c, mask),
             "rewards": per_token_rewards(scores, bb.abs(), 0.1, mask),
+            "reinforce_pp": reinforce_pp_advantages(a, mask, 0.9),
         }
 
     clean = run(0.0)

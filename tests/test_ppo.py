@@ -186,6 +186,7 @@ def test_greedy_generation_batched_equals_unbatched(base_run):
         # rollouts in calls of 4 sequences on a static cache
         ({"advantage": "rloo", "generation_batch_size": 4, "generation_cache": "static"}, None),
         ({"advantage": "remax"}, None),
+        ({"advantage": "reinforce_pp"}, None),
         ({"advantage": "gae", "critic": "shared", "ptx_coef": 0.5}, "policy"),
     ],
 )
@@ -202,9 +203,15 @@ def test_other_estimators(base_run, tmp_path, capture, keys, value_role):
         assert (out / "head.safetensors").is_file()  # the shared critic's value head is saved with the policy
     after = t.bank.state_dict("policy")
     assert any(not torch.equal(after[k], v) for k, v in capture["before"]["policy"].items())
+    ro = t.last_rollout
     if keys["advantage"] in ("grpo", "rloo"):
-        ro = t.last_rollout
         assert len(ro.input_ids) == 8 * 2 and ro.prompt_index[0] == ro.prompt_index[1]  # k samples per prompt
+    if keys["advantage"] == "reinforce_pp":
+        # one sample per prompt; advantages standardised over every response token of the rollout
+        valid = ro.advantages[ro.response_mask].double()
+        assert len(ro.input_ids) == 8 and valid.numel() > 8
+        assert abs(valid.mean().item()) < 1e-6 and valid.std(correction=0).item() == pytest.approx(1.0, abs=1e-5)
+        assert (ro.advantages[~ro.response_mask] == 0).all()
 
 
 def test_ppo_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):

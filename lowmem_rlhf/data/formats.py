@@ -1,13 +1,13 @@
-"""Read rows from JSONL/JSON/CSV/Parquet files, bundled data (`builtin:tiny/<file>`) or a Hub dataset."""
+"""Read rows from JSONL/JSON/CSV/Parquet files, bundled data (`builtin:<name>/<file>`) or a Hub dataset."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from importlib import resources
 from pathlib import Path
 
+from lowmem_rlhf.builtins import data_file, is_builtin
 from lowmem_rlhf.errors import UserError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -15,11 +15,8 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 def resolve_source(source: str) -> Path | None:
     """A local path for `source`, or None when it should be read as a Hub dataset id."""
-    if source.startswith("builtin:tiny/"):
-        path = Path(str(resources.files("lowmem_rlhf.tiny") / "data" / source.removeprefix("builtin:tiny/")))
-        if not path.is_file():
-            raise UserError(f"bundled data {source!r} does not exist; see lowmem_rlhf/tiny/data/ for the files")
-        return path
+    if is_builtin(source):
+        return data_file(source)
     path = Path(source).expanduser()
     if path.exists():
         return path

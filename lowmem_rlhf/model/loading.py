@@ -7,12 +7,11 @@ import logging
 
 import torch
 
+from lowmem_rlhf.builtins import is_builtin, model_path
 from lowmem_rlhf.config import ModelConfig
 from lowmem_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_TINY = "builtin:tiny"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,16 +34,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_path(cfg: ModelConfig) -> str:
-    """The folder or Hub id to load; builds the bundled tiny model on first use."""
-    if cfg.name_or_path == BUILTIN_TINY:
-        from lowmem_rlhf.tiny.model import build_tiny
-
-        return str(build_tiny())
-    if cfg.name_or_path.startswith("builtin:"):
-        raise UserError(
-            f"model.name_or_path: unknown builtin model {cfg.name_or_path!r}; the only one is {BUILTIN_TINY!r}"
-        )
-    return cfg.name_or_path
+    """The folder or Hub id to load; a `builtin:` model (lowmem_rlhf/builtins.py) is built on first use."""
+    return model_path(cfg.name_or_path) if is_builtin(cfg.name_or_path) else cfg.name_or_path
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):

@@ -27,8 +27,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowmem_rlhf.builtins import is_builtin, model_path, model_shape
 from lowmem_rlhf.config import RecipeConfig
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimators import ESTIMATORS
 from lowmem_rlhf.model.shapes import HUB_ALIASES, SHAPES
 
 logger = logging.getLogger(__name__)
@@ -120,17 +122,18 @@ class Shape:
 
 
 def resolve_shape(name_or_path: str) -> tuple[Shape, str]:
-    """(shape, where it came from) for a known shape name, a Hub id with a known shape, `builtin:tiny`,
+    """(shape, where it came from) for a known shape name, a Hub id with a known shape, a `builtin:` model,
     a local folder with config.json, or a Hub id whose config.json is in the local Hub cache. Offline."""
     if name_or_path in SHAPES:
         return Shape.from_config(SHAPES[name_or_path]), f"known shape {name_or_path}"
     if name_or_path in HUB_ALIASES:
         key = HUB_ALIASES[name_or_path]
         return Shape.from_config(SHAPES[key]), f"known shape {key}"
-    if name_or_path == "builtin:tiny":
-        from lowmem_rlhf.tiny.model import TINY_LLAMA, VOCAB_SIZE
-
-        return Shape.from_config({**TINY_LLAMA, "vocab_size": VOCAB_SIZE}), "the bundled tiny model"
+    if is_builtin(name_or_path):
+        registered = model_shape(name_or_path)
+        if registered is not None:
+            return Shape.from_config(registered), f"the bundled model {name_or_path}"
+        name_or_path = model_path(name_or_path)  # no registered shape: build it and read its config.json
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -315,15 +318,16 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
         mb = batch or pc.micro_batch_size
         new = length or pc.max_new_tokens
         s = pc.max_prompt_length + new
-        critic = pc.advantage == "gae" and pc.critic == "separate"
+        estimator = ESTIMATORS[pc.advantage]
+        critic = estimator.critic and pc.critic == "separate"
         # no reward role (nor its head) when the score comes from reward functions alone
         roles = ["policy", "reference"] + (["reward"] if pc.reward_model else []) + (["value"] if critic else [])
-        heads = pc.reward_model + (pc.advantage == "gae")  # reward head, and the value head (separate or shared)
+        heads = pc.reward_model + estimator.critic  # reward head, and the value head (separate or shared)
         items = base + [
             (f"LoRA adapters (fp32): {', '.join(roles)}", len(roles) * 4 * sum(adapter)),
             ("score/value heads", heads * head),
         ]
-        n_rollout = pc.rollout_batch_size * (pc.group_size if pc.advantage in ("grpo", "rloo") else 1)
+        n_rollout = pc.rollout_batch_size * estimator.samples_per_prompt(pc.group_size)
         # sequences of the largest generate call; a compiled rollout fills its short calls up to the batch size
         n_gen = min(pc.generation_batch_size or n_rollout, n_rollout)
         if pc.compile_generation and pc.generation_batch_size:
@@ -341,7 +345,7 @@ def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | 
         update = activation_terms(mb, s, logits=True)
         # the rollout's KV cache is freed before the update: the peak is the larger of the two phases
         phase = rollout if sum(b for _, b in rollout) > sum(b for _, b in update) else update
-        items += state_terms(1 + critic, int(pc.advantage == "gae"), pc.optimizer) + phase
+        items += state_terms(1 + critic, int(estimator.critic), pc.optimizer) + phase
         items.append(buffers)
         return StageEstimate(stage, items, "ppo.micro_batch_size", mb, "ppo.max_new_tokens", new)
     raise ValueError(f"no memory model for stage {stage!r}")

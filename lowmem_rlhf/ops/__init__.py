@@ -13,6 +13,7 @@ from lowmem_rlhf.ops.rl import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    reinforce_pp_advantages,
     rloo_advantages,
 )
 from lowmem_rlhf.ops.stats import masked_mean, masked_var, masked_whiten
@@ -34,5 +35,6 @@ __all__ = [
     "per_token_rewards",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
     "rloo_advantages",
 ]

@@ -1,4 +1,4 @@
-"""PPO-family RL math: GAE, clipped policy/value losses, KL penalties, GRPO/RLOO advantages.
+"""PPO-family RL math: GAE, clipped policy/value losses, KL penalties, GRPO/RLOO/REINFORCE++ advantages.
 
 Dims legend: b batch, t response tokens. Masks are bool, True = valid. Losses are means over all valid
 tokens of the batch. Functions that take a mask zero the invalid entries of their inputs first, so whatever
@@ -154,6 +154,27 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = _grouped(scores, group_size)
     baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return (groups - baseline).reshape(scores.shape)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE++ advantages (Hu 2025; OpenRLHF's `reinforce`): returns-to-go standardised over the batch.
+
+    rewards, mask: (b, t) per-token rewards (-beta * KL, plus the score at the last valid token) and the
+    response mask. G_t = r_t + gamma * G_{t+1} within each row, then (G - mean) / sqrt(max(var, 1e-8)) with
+    the mean and the population variance taken over every valid token of the batch (no critic, no group:
+    the global normalisation is the baseline). Returns (b, t), 0 at invalid tokens. Assumes each row's
+    valid tokens are one contiguous run, like `gae_advantages`.
+    """
+    rewards = torch.where(mask, rewards, 0)
+    running = rewards.new_zeros(rewards.shape[0])
+    out = []
+    for i in reversed(range(rewards.shape[1])):
+        running = (rewards[:, i] + gamma * running) * mask[:, i]
+        out.append(running)
+    returns = torch.stack(out[::-1], dim=1) if out else torch.zeros_like(rewards)
+    mean = masked_mean(returns, mask)
+    var = masked_var(returns, mask, unbiased=False)
+    return torch.where(mask, (returns - mean) * torch.rsqrt(var.clamp(min=1e-8)), 0)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

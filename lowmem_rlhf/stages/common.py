@@ -209,12 +209,13 @@ def finished_stage_dir(cfg: RecipeConfig, stage: str, needed_by: str) -> tuple[P
 
 def base_model_info(cfg: RecipeConfig) -> dict:
     """What `base_model.json` records: the base's id, revision, local folder and how it was loaded."""
-    from lowmem_rlhf.model.loading import BUILTIN_TINY, quantization_config, resolve_device, resolve_dtype, resolve_path
+    from lowmem_rlhf.builtins import is_builtin
+    from lowmem_rlhf.model.loading import quantization_config, resolve_device, resolve_dtype, resolve_path
 
     mc = cfg.model
     path = resolve_path(mc)
     dtype = resolve_dtype(mc.compute_dtype, resolve_device(mc.device))
-    local = Path(path).resolve() if mc.name_or_path == BUILTIN_TINY or Path(path).is_dir() else None
+    local = Path(path).resolve() if is_builtin(mc.name_or_path) or Path(path).is_dir() else None
     bnb = quantization_config(mc, dtype)
     return {
         "name_or_path": mc.name_or_path,

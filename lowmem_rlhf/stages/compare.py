@@ -32,6 +32,7 @@ from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.prompts import prompt_columns, tokenize_prompts
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimators import ESTIMATORS
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import response_logprob_sums
 from lowmem_rlhf.model.loading import load_base
@@ -89,7 +90,7 @@ class Policy:
     label: str  # "tiny/ppo", "tiny/dpo", "tiny/sft"
     run: Run
     stage: str  # "sft", "ppo" or "dpo"
-    method: str  # "sft", "ppo", "grpo", "rloo", "remax" or "dpo"
+    method: str  # "sft", "dpo", or the RL estimator's label ("ppo", "grpo", ...; lowmem_rlhf/estimators.py)
     role: str  # adapter name on the shared bank
     sft_role: str  # the run's SFT adapter: reference of the KL and baseline of the win rates
     reward_role: str | None
@@ -115,7 +116,7 @@ def method_of(run: Run, stage: str) -> str:
     if stage != "ppo":
         return stage
     recorded = (run.settings.get("ppo") or {}).get("ppo") or {}
-    return recorded.get("advantage", run.cfg.ppo.advantage).replace("gae", "ppo")
+    return ESTIMATORS[recorded.get("advantage", run.cfg.ppo.advantage)].label
 
 
 def build_policies(runs: list[Run], reward_from: Run | None) -> tuple[list[Policy], dict[str, Path]]:

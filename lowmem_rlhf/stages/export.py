@@ -130,16 +130,18 @@ def locate_base(info: dict, cfg, weights: bool) -> Path:
     A Hub id is looked up in the Hugging Face cache, and downloaded when the Hub can be reached
     (HF_HUB_OFFLINE unset); a base that is neither here nor reachable is a one-line error.
     """
-    from lowmem_rlhf.model.loading import BUILTIN_TINY, resolve_path
+    from lowmem_rlhf.builtins import is_builtin
+    from lowmem_rlhf.model.loading import resolve_path
 
     name, local = info["name_or_path"], info.get("local_path")
     if local and (Path(local) / "config.json").is_file():
         return Path(local)
-    if name == BUILTIN_TINY:
+    if is_builtin(name):
         built = Path(resolve_path(cfg.model)).resolve()
         if local and built != Path(local):
             raise UserError(
-                f"the tiny base this run was trained on ({local}) is gone and today's build ({built}) differs; "
+                f"the bundled base {name} this run was trained on ({local}) is gone and today's build ({built}) "
+                "differs; "
                 "re-run the pipeline to export it"
             )
         return built

@@ -25,6 +25,7 @@ from lowmem_rlhf.data.preference import pad_sequences
 from lowmem_rlhf.data.prompts import prompt_columns, tokenize_prompts
 from lowmem_rlhf.data.sft import collate_sft
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimators import ESTIMATORS
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
@@ -42,18 +43,19 @@ logger = logging.getLogger(__name__)
 def build_rl_bank(
     model, sft_dir: Path, reward_dir: Path | None, pc: PPOConfig, gradient_checkpointing: bool, lora=None
 ) -> AdapterBank:
-    """policy = trainable copy of SFT; reference = frozen SFT; reward = frozen RM + head; value (GAE only).
+    """policy = trainable copy of SFT; reference = frozen SFT; reward = frozen RM + head; value (critic only).
 
     Without a reward model (`reward_dir` None) there is no reward role, and a separate critic is a fresh
     LoRA (`lora`, a LoRAConfig) with a fresh value head; a shared critic's head starts fresh too.
     """
     bank = AdapterBank(model, gradient_checkpointing=gradient_checkpointing)
-    shared = pc.advantage == "gae" and pc.critic == "shared"
+    critic = ESTIMATORS[pc.advantage].critic
+    shared = critic and pc.critic == "shared"
     bank.add_role("policy", from_dir=sft_dir, trainable=True, head=shared, fresh_head=shared)
     bank.add_role("reference", copy_of="policy", head=False)
     if reward_dir is not None:
         bank.add_role("reward", from_dir=reward_dir, head=True)
-    if pc.advantage == "gae" and pc.critic == "separate":
+    if critic and pc.critic == "separate":
         if reward_dir is not None:
             bank.add_role("value", copy_of="reward", trainable=True, head=True)
         else:

@@ -61,8 +61,8 @@ def gold_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lowmem_rlhf.cli import setup_logging
     from lowmem_rlhf.config import config_from_dict, read_recipe
+    from lowmem_rlhf.logs import setup_logging
     from lowmem_rlhf.model.loading import load_base
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

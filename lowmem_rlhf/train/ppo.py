@@ -1,4 +1,4 @@
-"""The RL loop on one backbone: PPO with a critic (GAE), or critic-free GRPO / RLOO / ReMax.
+"""The RL loop on one backbone: PPO with a critic (GAE), or critic-free GRPO / RLOO / ReMax / REINFORCE++.
 
 Every model is a role of the same AdapterBank: `policy` (trainable), `reference` (frozen copy of
 SFT), `reward` (frozen RM + score head) and, for GAE, `value` (trainable, from the RM) or a value
@@ -9,7 +9,8 @@ head on the policy (`critic: shared`). One iteration reads like the algorithm:
                     EOS / length penalties
     3. old/ref/V    policy, reference and value passes, same temperature, dropout off (pitfall 6)
     4. rewards      per token -beta * KL(policy || reference), the score added at the last token
-    5. advantages   GAE with the critic, or group / leave-one-out / greedy baselines
+    5. advantages   the estimator's (lowmem_rlhf/estimators.py): GAE with the critic, or group /
+                    leave-one-out / greedy / whole-batch baselines
     6. PPO epochs   clipped policy loss (+ clipped value loss, entropy, PPO-ptx) over minibatches
 
 Dropout is switched off in the whole model for RL (as TRL does): then the first minibatch of every
@@ -35,6 +36,7 @@ from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.estimators import ESTIMATORS, AdvantageInputs
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import hidden_states, output_head
 from lowmem_rlhf.model.scoring import sequence_scores
@@ -42,15 +44,10 @@ from lowmem_rlhf.ops import (
     chunked_logprobs,
     chunked_logprobs_entropy,
     explained_variance,
-    gae_advantages,
-    group_advantages,
     kl_penalty,
     masked_mean,
-    masked_whiten,
-    per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    rloo_advantages,
 )
 from lowmem_rlhf.ops.preference import pearson
 from lowmem_rlhf.rewards import RewardFunction, score_samples
@@ -222,11 +219,12 @@ class PPOTrainer:
         self.reward_fns, self.reward_weights = list(reward_fns), pc.reward_weights or [1.0] * len(reward_fns)
         self.columns, self.source = prompt_columns or {}, prompt_source
         self.reward_stats = reward_stats if pc.normalize_reward else None
-        self.critic = pc.advantage == "gae"
+        self.estimator = ESTIMATORS[pc.advantage]
+        self.critic = self.estimator.critic
         self.value_role = ("value" if pc.critic == "separate" else "policy") if self.critic else None
         self.train_roles = ["policy"] + (["value"] if self.value_role == "value" else [])
         bank.disable_dropout()
-        self.samples_per_prompt = pc.group_size if pc.advantage in ("grpo", "rloo") else 1
+        self.samples_per_prompt = self.estimator.samples_per_prompt(pc.group_size)
         self.rollout_size = pc.rollout_batch_size * self.samples_per_prompt
         updates = pc.num_steps * pc.ppo_epochs * math.ceil(self.rollout_size / pc.mini_batch_size)
         self.params = bank.trainable_parameters()
@@ -321,6 +319,21 @@ class PPOTrainer:
         mask = torch.cat([q_mask, r_mask], 1).to(device)
         return ids, mask, r_mask.to(device), q_ids.shape[1]
 
+    def _greedy_scores(self, prompts: list[list[int]], index: list[int], device) -> torch.Tensor:
+        """Scores of the policy's greedy responses to `prompts` (ReMax's baseline): (b,)."""
+        greedy = generate(
+            self.bank,
+            "policy",
+            prompts,
+            SamplingConfig(self.pc.max_new_tokens, 0.0),
+            self.eos_ids,
+            self.tok.pad_token_id,
+            decode=self.decode,
+        )
+        g_ids, g_mask, g_rmask, _ = self._batch(prompts, greedy.response_ids)
+        g_fn = self._fn_total(self._call_fns(self.reward_fns, index, greedy.response_ids), device)
+        return self._scores(self._score_raw(g_ids, g_mask), g_fn, g_rmask, torch.tensor(greedy.ended, device=device))
+
     def rollout(self, step: int) -> Rollout:
         pc = self.pc
         index = [i for i in self.prompt_indices(step) for _ in range(self.samples_per_prompt)]
@@ -344,37 +357,11 @@ class PPOTrainer:
             _, values = self._pass("value", ids, mask, p, self.bank.head("value"), need_logprobs=False)
         # 4. per-token KL(policy || reference): the same tensor is logged and used
         kl = torch.where(rmask, kl_penalty(logprobs, ref_logprobs, pc.kl_estimator), 0.0)
-        beta = self.kl_ctl.value
-        # 5. advantages
-        returns = None
-        if self.critic:
-            rewards = per_token_rewards(scores, kl, beta, rmask)
-            advantages, returns = gae_advantages(rewards, values, rmask, pc.gamma, pc.lam)
-            if pc.whiten_advantages:
-                advantages = masked_whiten(advantages, rmask)
-        else:
-            seq_reward = scores - beta * kl.sum(1)
-            if pc.advantage == "grpo":
-                seq_adv = group_advantages(seq_reward, self.samples_per_prompt)
-            elif pc.advantage == "rloo":
-                seq_adv = rloo_advantages(seq_reward, self.samples_per_prompt)
-            else:  # remax: the greedy response's score is the baseline
-                greedy = generate(
-                    self.bank,
-                    "policy",
-                    prompts,
-                    SamplingConfig(pc.max_new_tokens, 0.0),
-                    self.eos_ids,
-                    self.tok.pad_token_id,
-                    decode=self.decode,
-                )
-                g_ids, g_mask, g_rmask, _ = self._batch(prompts, greedy.response_ids)
-                g_fn = self._fn_total(self._call_fns(self.reward_fns, index, greedy.response_ids), ids.device)
-                g_scores = self._scores(
-                    self._score_raw(g_ids, g_mask), g_fn, g_rmask, torch.tensor(greedy.ended, device=ids.device)
-                )
-                seq_adv = seq_reward - g_scores
-            advantages = seq_adv[:, None] * rmask
+        # 5. advantages (the estimator's own baseline: critic values, group, greedy response, batch)
+        baseline = self._greedy_scores(prompts, index, ids.device) if self.estimator.greedy_baseline else None
+        advantages, returns = self.estimator.advantages(
+            AdvantageInputs(scores, kl, self.kl_ctl.value, rmask, values, baseline), pc
+        )
         return Rollout(
             ids,
             mask,
