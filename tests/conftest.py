@@ -7,6 +7,7 @@ import lowmem_rlhf  # noqa: F401  first: pins torch's CPU kernels before torch r
 # isort: split
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,6 @@ def _quiet_env(monkeypatch):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's kernels in a cache of this test session's own: another process compiling into the shared
+# default cache at the same moment, or a stale entry from other settings, cannot hand the suite a broken kernel
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lowmem-rlhf-inductor-"))
