@@ -65,7 +65,10 @@ def test_estimate_reads_critic_and_samples_per_prompt(tmp_path):
 
 def test_compare_names_each_method_by_its_label(tmp_path):
     cfg = config_from_dict({"output_dir": str(tmp_path), "ppo": {"advantage": "reinforce_pp"}})
-    run = Run(tmp_path, "r", cfg, {})
+    run = Run(tmp_path, "r", cfg, {}, {}, cfg.model)
     assert method_of(run, "ppo") == "reinforce++" and method_of(run, "dpo") == "dpo"
-    cfg = config_from_dict({"output_dir": str(tmp_path)})
-    assert method_of(Run(tmp_path, "r", cfg, {}), "ppo") == "ppo"
+    plain = config_from_dict({"output_dir": str(tmp_path)})
+    assert method_of(Run(tmp_path, "r", plain, {}, {}, plain.model), "ppo") == "ppo"
+    # the settings the stage ran with win over a later config.yaml
+    recorded = Run(tmp_path, "r", plain, {}, {"ppo": {"ppo": {"advantage": "rloo"}}}, plain.model)
+    assert method_of(recorded, "ppo") == ESTIMATORS["rloo"].label

@@ -105,6 +105,10 @@ def unquantized_copy(run: Path, dest: Path) -> Path:
     cfg["model"]["quantization"] = "none"
     cfg["output_dir"] = str(dest)
     (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for settings in dest.glob("*/settings.yaml"):  # the base each stage ran on, which generate and score load
+        recorded = yaml.safe_load(settings.read_text())
+        recorded["model"]["quantization"] = "none"
+        settings.write_text(yaml.safe_dump(recorded, sort_keys=False))
     return dest
 
 

