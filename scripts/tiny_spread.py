@@ -67,6 +67,7 @@ def one_run(seed: int, out: Path) -> dict:
                 out[f"{mode}_{key}_gain"] = report["ppo"][mode][key] - report["sft"][mode][key]
         return out
 
+    dpo = json.loads((out / "dpo" / "diagnostics.json").read_text())
     sampled = json.loads((out / "compare" / "report.json").read_text())["policies"]
     at_t0 = json.loads((out / "greedy" / "report.json").read_text())["policies"]
     label = out.name
@@ -78,6 +79,7 @@ def one_run(seed: int, out: Path) -> dict:
         "sft_greedy_gold": tuned.mean_gold,
         "base_greedy_gold": base.mean_gold,
         "sft_greedy_eos_rate": tuned.eos_rate,
+        "dpo": {k: dpo[k] for k in ("eval_margin", "eval_loss", "eval_accuracy", "sample_kl")},
         "ppo": rl(out),
         "grpo": rl(grpo),
         "compare_sampled": {
@@ -107,14 +109,59 @@ def launch(seed: int, path: str, work: Path) -> dict:
     return {"path": path, **result}
 
 
+# what tests/test_pipeline.py asserts on, as (name, value of one run)
+QUANTITIES = {
+    "rm held-out accuracy": lambda r: r["rm_eval_accuracy"],
+    "rm reward-length correlation": lambda r: r["rm_eval_length_corr"],
+    "sft greedy gold": lambda r: r["sft_greedy_gold"],
+    "sft - base greedy gold": lambda r: r["sft_greedy_gold"] - r["base_greedy_gold"],
+    "sft greedy EOS rate": lambda r: r["sft_greedy_eos_rate"],
+    "ppo greedy reward gain": lambda r: r["ppo"]["greedy_reward_gain"],
+    "ppo sampled reward gain": lambda r: r["ppo"]["sampled_reward_gain"],
+    "ppo greedy gold gain": lambda r: r["ppo"]["greedy_gold_gain"],
+    "ppo sampled gold gain": lambda r: r["ppo"]["sampled_gold_gain"],
+    "ppo last KL": lambda r: r["ppo"]["kl_last"],
+    "grpo greedy reward gain": lambda r: r["grpo"]["greedy_reward_gain"],
+    "grpo sampled reward gain": lambda r: r["grpo"]["sampled_reward_gain"],
+    "grpo greedy gold gain": lambda r: r["grpo"]["greedy_gold_gain"],
+    "grpo sampled gold gain": lambda r: r["grpo"]["sampled_gold_gain"],
+    "grpo last KL": lambda r: r["grpo"]["kl_last"],
+    "compare: ppo win rate (RM)": lambda r: r["compare_sampled"]["ppo"]["win_rate_reward"],
+    "compare: ppo - sft gold": lambda r: r["compare_sampled"]["ppo"]["gold"] - r["compare_sampled"]["sft"]["gold"],
+    "compare: dpo - sft gold": lambda r: r["compare_sampled"]["dpo"]["gold"] - r["compare_sampled"]["sft"]["gold"],
+    "greedy: dpo - sft gold": lambda r: r["compare_greedy"]["dpo"]["gold"] - r["compare_greedy"]["sft"]["gold"],
+    "dpo held-out margin": lambda r: r["dpo"]["eval_margin"],
+    "dpo held-out loss": lambda r: r["dpo"]["eval_loss"],
+    "dpo held-out accuracy": lambda r: r["dpo"]["eval_accuracy"],
+}
+
+
+def report(results: list[dict]) -> str:
+    """A markdown table: one row per quantity, one column per (kernel path, seed), then min, mean and std."""
+    import statistics
+
+    results = sorted(results, key=lambda r: (r["path"], r["seed"]))
+    head = ["quantity", *(f"{r['path']} {r['seed']}" for r in results), "min", "mean", "std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, value in QUANTITIES.items():
+        vals = [value(r) for r in results]
+        stats = [min(vals), statistics.fmean(vals), statistics.pstdev(vals)]
+        lines.append("| " + " | ".join([name, *(f"{v:+.3f}" for v in vals + stats)]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4, 5])
     parser.add_argument("--paths", nargs="+", default=["pinned", "native"], choices=["pinned", "native"])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1 by default)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results (or to report on)")
     parser.add_argument("--work", type=Path, help="folder for the run folders (default: a temporary one)")
+    parser.add_argument("--report", action="store_true", help="print the table of an earlier --out file and stop")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.out.read_text())))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="tiny-spread-"))
     jobs = [(s, p) for s in args.seeds for p in args.paths]
     results = []

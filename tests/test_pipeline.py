@@ -1,8 +1,23 @@
-"""End to end: the tiny pipeline recipe through the CLI (SFT -> RM -> PPO, SFT -> DPO, compare), then gold scores."""
+"""End to end: the tiny pipeline recipe through the CLI (SFT -> RM -> PPO, SFT -> DPO, compare), then gold scores.
+
+The outcome thresholds hold on any machine of CI's kind, not just one: each was set from the spread of
+`scripts/tiny_spread.py` over 6 seeds and two CPU kernel paths (12 runs, table in docs/tiny.md) as
+the smallest value seen minus two standard deviations of the runs (upper bounds: the largest plus two),
+rounded towards the safe side. The RL stages' reward gains are asserted positive only: all 12 runs
+gained, their means 3.4 to 3.5 standard deviations above zero.
+What did not clear that bar is not asserted here and is reported in docs/tiny.md instead: on this
+task the gold score (as opposed to the reward model's score) of PPO, GRPO and DPO samples rises in
+most runs but not in all (PPO's greedy gold gain ranged from -1.79 to +0.60: with a 71%-accurate
+reward model, some seeds reward-hack).
+"""
 
 import json
+import platform
 import shutil
 from pathlib import Path
+
+import pytest
+import torch
 
 from lowmem_rlhf.cli import main
 from lowmem_rlhf.config import ModelConfig
@@ -14,15 +29,40 @@ from lowmem_rlhf.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
+# min - 2 std over the 12 runs of docs/tiny.md ("Reproducibility and spread"), rounded to the safe side
+RM_ACCURACY = 0.68  # runs: 0.700 .. 0.717, std 0.006
+RM_LENGTH_CORR = -0.5  # runs: -0.879 .. -0.733, std 0.053 (the RM prefers concise answers)
+SFT_GOLD = 1.0  # greedy, 48 held-out prompts; runs: 1.573 .. 2.167, std 0.225
+SFT_OVER_BASE = 1.5  # runs: 2.071 .. 2.665, std 0.225
+RL_MAX_KL = 15.0  # summed over a response, last iteration; runs: 1.37 .. 8.14, std 1.64 (PPO); GRPO up to 6.13
+PPO_WIN_RATE_RM = 0.7  # PPO samples preferred by the reward model over SFT's; runs: 0.801 .. 0.949, std 0.043
+DPO_MARGIN = 0.2  # held-out implicit reward margin, chosen - rejected (0 at step 0); runs: 0.476 .. 0.841, std 0.129
+DPO_LOSS = 0.67  # held-out DPO loss after training (ln 2 = 0.693 at step 0); runs: 0.603 .. 0.641, std 0.013
+DPO_ACCURACY = 0.63  # held-out pairs ordered right by the implicit reward; runs: 0.659 .. 0.693, std 0.011
+
 
 def check_rl_gain(run: Path) -> None:
+    """RL raised the reward it optimises on held-out prompts (greedy and sampled) with a bounded KL."""
     report = json.loads((run / "ppo" / "eval.json").read_text())
     for mode in ("greedy", "sampled"):
         before, after = report["sft"][mode], report["ppo"][mode]
-        assert after["gold"] > before["gold"] + 0.15, (mode, before, after)
+        # all 12 runs gained: PPO greedy 0.19 .. 0.68, sampled 0.23 .. 0.72; GRPO 0.19 .. 0.46, 0.16 .. 0.50
         assert after["reward"] > before["reward"], (mode, before, after)
+        assert after["eos_rate"] > 0.9, (mode, after)
     rows = read_metrics(run / "ppo" / "metrics.jsonl")
-    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] < 10.0
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] < RL_MAX_KL
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 kernel paths")
+def test_cpu_runs_use_one_kernel_path():
+    """Importing the toolkit asks torch for its AVX2 kernels and MKL for its AVX2 path, so the tiny pipeline
+    computes the same numbers on AVX-512 and AVX2 machines (conftest imports it before torch runs)."""
+    import os
+
+    if os.environ.get("LOWMEM_RLHF_CPU_KERNELS") == "native":
+        pytest.skip("native kernels asked for")
+    assert torch.backends.cpu.get_cpu_capability() == os.environ["ATEN_CPU_CAPABILITY"].upper() == "AVX2"
+    assert os.environ["MKL_CBWR"] == "AVX2"
 
 
 def test_tiny_pipeline_makes_task_shaped_samples(tmp_path, tiny_path, capsys):
@@ -33,7 +73,7 @@ def test_tiny_pipeline_makes_task_shaped_samples(tmp_path, tiny_path, capsys):
     # the reward model agrees with the gold ranking on held-out phrasings well above chance (0.5);
     # it learns tone and length almost perfectly and factual correctness only partly (docs/tiny.md)
     diag = json.loads((out / "reward" / "diagnostics.json").read_text())
-    assert diag["eval_accuracy"] > 0.65 and diag["eval_length_corr"] < 0
+    assert diag["eval_accuracy"] > RM_ACCURACY and diag["eval_length_corr"] < RM_LENGTH_CORR
 
     model, tokenizer = load_base(ModelConfig(device="cpu"))
     bank = AdapterBank(model, gradient_checkpointing=False)
@@ -43,29 +83,31 @@ def test_tiny_pipeline_makes_task_shaped_samples(tmp_path, tiny_path, capsys):
     base = gold_report(bank, None, tokenizer, prompts, greedy)
     tuned = gold_report(bank, "policy", tokenizer, prompts, greedy)
     # gold scale: +2.5 ideal, +2 plain correct, -1 wrong, -0.5 empty (see lowmem_rlhf/tiny/task.py)
-    assert tuned.mean_gold > 1.5, tuned.samples[:5]
-    assert tuned.mean_gold > base.mean_gold + 1.5
+    assert tuned.mean_gold > SFT_GOLD, tuned.samples[:5]
+    assert tuned.mean_gold > base.mean_gold + SFT_OVER_BASE
     assert tuned.eos_rate > 0.95
 
-    # PPO on one backbone raises the held-out gold score over the SFT policy, greedy and sampled, with
-    # the KL to the reference (summed over a response, last iteration) under 10 nats
+    # PPO on one backbone raises the reward model's score of held-out samples over the SFT policy's,
+    # greedy and sampled, with the KL to the reference (summed over a response) bounded
     check_rl_gain(out)
 
     # the recipe's compare stage: PPO and DPO beside SFT on 128 held-out prompts, sampled at T=1
     report = json.loads((out / "compare" / "report.json").read_text())
     assert report["order"] == ["tiny/sft", "tiny/ppo", "tiny/dpo"] and set(report["policies"]) == set(report["order"])
     sampled = report["policies"]
-    assert sampled["tiny/ppo"]["gold"] > sampled["tiny/sft"]["gold"] + 0.15
-    assert sampled["tiny/ppo"]["win_rate_reward"] > 0.6
+    assert sampled["tiny/ppo"]["win_rate_reward"] > PPO_WIN_RATE_RM
+    assert all("gold" in p and "win_rate_gold" in p for n, p in sampled.items() if n != "tiny/sft")
     assert all((out / "compare" / name).stat().st_size > 5000 for name in ("reward_vs_kl.png", "training.png"))
-    # DPO raises the held-out gold score over SFT (greedy: its sampled gain on this task is small, see
-    # docs/dpo.md), with its samples' KL to the reference measured during training
-    assert main(["compare", str(out), "--temperature", "0", "--output", str(tmp_path / "greedy")]) == 0
-    at_t0 = json.loads((tmp_path / "greedy" / "report.json").read_text())["policies"]
-    assert at_t0["tiny/dpo"]["gold"] > at_t0["tiny/sft"]["gold"] + 0.1, at_t0
-    assert at_t0["tiny/dpo"]["win_rate_gold"] > 0.5
+    # DPO learns the preference on held-out pairs: the implicit reward margin (0 at step 0, where the
+    # loss is ln 2) grows and orders most pairs right; its samples' KL is measured during training
+    dpo = json.loads((out / "dpo" / "diagnostics.json").read_text())
+    assert dpo["eval_margin"] > DPO_MARGIN and dpo["eval_loss"] < DPO_LOSS and dpo["eval_accuracy"] > DPO_ACCURACY
     dpo_rows = read_metrics(out / "dpo" / "metrics.jsonl")
     assert [r["step"] for r in dpo_rows if "sample_kl" in r] == [50, 100, 150]
+    # compare at temperature 0 reports every policy too
+    assert main(["compare", str(out), "--temperature", "0", "--output", str(tmp_path / "greedy")]) == 0
+    at_t0 = json.loads((tmp_path / "greedy" / "report.json").read_text())["policies"]
+    assert set(at_t0) == set(report["order"]) and all(p["eos_rate"] > 0.9 for p in at_t0.values())
 
     # GRPO (no critic) does too, from the same SFT and reward model
     grpo = tmp_path / "tiny-grpo"
@@ -80,7 +122,7 @@ def test_tiny_pipeline_makes_task_shaped_samples(tmp_path, tiny_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "What is 2 plus 3?", "--json"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
-    assert '"response": ' in line and "5" in line
+    assert '"response": ' in line and "5" in line  # "Happy to help. 2 plus 3 is 5." in all 12 runs
 
     # re-running skips the finished stage and leaves its adapter alone
     stamp = (out / "sft" / "adapter_model.safetensors").stat().st_mtime_ns
