@@ -193,7 +193,6 @@ def test_every_stage_runs_on_the_family(family, pipeline, tmp_path, capsys):
         rows = read_metrics(run_dir / "ppo" / "metrics.jsonl")
         # pitfalls 1 and 6: the reference is the frozen SFT copy, the first minibatch sees the rollout's log-probs
         assert rows[0]["kl"] == 0.0 and all(r["first_minibatch_max_logratio"] == 0.0 for r in rows), advantage
-        assert all(0.0 <= r["eos_rate"] <= 1.0 for r in rows)
         t, before = seen[advantage]["trainer"], seen[advantage]["before"]
         frozen = [r for r in t.bank.roles if not t.bank.roles[r].trainable]
         assert set(frozen) == {"reference", "reward"}
@@ -202,15 +201,20 @@ def test_every_stage_runs_on_the_family(family, pipeline, tmp_path, capsys):
             assert all(torch.equal(after[k], v) for k, v in before[role].items()), (advantage, role)
         assert any(not torch.equal(t.bank.state_dict("policy")[k], v) for k, v in before["policy"].items())
         assert base_fingerprint(t.bank.peft_model) == seen[advantage]["base"]
-        # every response of the last rollout is cut at its first stop id
+        # every response of the last rollout is cut at its first stop id, and the logged EOS rate counts them
         ro = t.last_rollout
         for i, r in enumerate(ro.response_ids):
-            assert int(ro.response_mask[i].sum()) == max(len(r), 0) or not r
+            assert int(ro.response_mask[i].sum()) == len(r) or not r
             assert not t.stop_ids & set(r[:-1])
+        ended = [bool(r) and r[-1] in t.stop_ids for r in ro.response_ids]
+        assert rows[-1]["eos_rate"] == pytest.approx(sum(ended) / len(ended))
 
     report = json.loads((out / "compare" / "report.json").read_text())
     assert set(report["order"]) == {f"{out.name}/sft", f"{out.name}/ppo", f"{out.name}/dpo"}
-    assert all(0.0 <= p["eos_rate"] <= 1.0 for p in report["policies"].values())
+    samples = [json.loads(line) for line in (out / "compare" / "samples.jsonl").read_text().splitlines()]
+    for label, policy in report["policies"].items():  # the EOS rate is the share of samples that ended
+        flags = [row["eos"] for row in samples if row["policy"] == label]
+        assert flags and policy["eos_rate"] == pytest.approx(sum(flags) / len(flags))
 
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "What is 2 plus 3?", "--json", "--max-new-tokens", "16"]) == 0
