@@ -117,7 +117,12 @@ def test_frozen_roles_and_base_unchanged_by_training(bank):
     after = bank.state_dict("policy")
     changed = [k for k, v in policy_before.items() if not torch.equal(after[k], v)]
     assert len(changed) == len(policy_before)  # every trainable tensor moved
-    assert bank.base_model.config.use_cache is True  # pitfall 9: the saved config keeps the KV cache
+    # pitfall 9: training with gradient checkpointing leaves the config (which export saves) and generation
+    # on the KV cache
+    assert bank.base_model.config.use_cache is True
+    with torch.no_grad(), bank.use("policy") as m:
+        out = m.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() >= 6
 
 
 def test_eval_forward_does_not_break_later_gradients(bank):

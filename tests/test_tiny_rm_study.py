@@ -47,5 +47,4 @@ def test_agreement_counts_pairs_against_the_gold_ranking(study):
 def test_short_run_reports_held_out_agreement(study, tiny_path, fresh, capsys):
     result = study.main(["--steps", "2", "--report-every", "1", "--eval-rows", "5", *(["--fresh"] if fresh else [])])
     assert set(result) == {"all", "correct_vs_wrong"}
-    assert all(0.0 <= v <= 1.0 for v in result.values())
     assert capsys.readouterr().out.count("held-out") == 2
