@@ -482,6 +482,7 @@ def _depth(shape: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.shapes import SHAPES
+    from lowmem_rlhf.config import ModelConfig
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
@@ -494,7 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="ppo/rollout: response tokens")
     p.add_argument("--micro-batch", type=int, default=4, help="ppo: micro- and mini-batch size")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=512, help="model.logprob_chunk_size")
+    p.add_argument("--chunk-size", type=int, default=ModelConfig.logprob_chunk_size, help="model.logprob_chunk_size")
     p.add_argument(
         "--optimizer", default=None, choices=["adamw", "adamw_8bit"], help="default: adamw_8bit for sft, adamw for ppo"
     )
