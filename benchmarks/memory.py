@@ -10,8 +10,8 @@ every tensor each op returns, counts its storage until the storage is freed, and
 live bytes and what is alive at that moment. As on a GPU, every storage is rounded up to the CUDA
 caching allocator's 512-byte blocks, and bitsandbytes' CUDA dequantize transient (a 4-bit linear over
 more than a few rows dequantizes its weight inside the op, invisible to the dispatcher) is added while its
-op runs. The peak is what `torch.cuda.max_memory_allocated()` would report for the same step, less the
-CUDA context and cuBLAS/attention workspaces the allocator never sees.
+op runs. The peak is what `torch.cuda.max_memory_allocated()` would report for the same step, less what
+ops allocate inside themselves and never return (workspaces, kernel temporaries).
 
 `--layers N` traces N decoder layers instead of all of them; `--extrapolate` traces 2 and 3 layers and
 extends the per-layer difference to the model's depth (exact when both traces peak at the same place:
