@@ -310,7 +310,8 @@ def run_ppo(args, model, tracer: MemoryTracer):
 
     bank = _rl_bank(args, model)
     pc = ppo_config(args)
-    prompts = [[TOKEN] * args.prompt_len for _ in range(args.rollout)]
+    # the trainer draws rollout_batch_size of them; a fake index read gives TOKEN, so there are more than TOKEN
+    prompts = [[TOKEN] * args.prompt_len for _ in range(max(args.rollout, TOKEN + 1))]
 
     def full_length(bank, role, prompts, sampling, *a, **k):
         return Generation(
@@ -381,15 +382,17 @@ def _mode(real: bool, max_length: int | None) -> Iterator[None]:
             yield
 
 
-def trace(args, layers: int | None = None, real: bool = False) -> dict:
-    """Trace `args.stage` with `layers` decoder layers (None: the shape's own); real: real CPU tensors, bytes
-    unrounded and no CUDA transient (to compare with a CPU allocator). Returns peak, breakdown and phases."""
+def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True) -> dict:
+    """Trace `args.stage` with `layers` decoder layers (None: the shape's own); real: real CPU tensors;
+    cuda: 512-byte blocks and the CUDA dequantize transient (always off with real tensors, to compare with a
+    CPU allocator). Returns peak, breakdown and phases."""
     from benchmarks.shapes import SHAPES
 
     compat.check_versions()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    tracer = MemoryTracer(round_to=1 if real else 512, gemm_transient=not real, fake=not real)
+    cuda = cuda and not real
+    tracer = MemoryTracer(round_to=512 if cuda else 1, gemm_transient=cuda, fake=not real)
     spec = SHAPES[args.shape]
     heads = spec["num_attention_heads"]
     kv_shape = (spec["num_key_value_heads"], spec.get("head_dim") or spec["hidden_size"] // heads)
