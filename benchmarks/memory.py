@@ -1,0 +1,534 @@
+"""Peak device memory of a stage at a real shape, traced on a CPU without a GPU.
+
+    python -m benchmarks.memory --shape llama-3.1-8b --stage sft --batch 2 --seq 2048 --json
+    python -m benchmarks.memory --shape llama-3.1-8b --stage ppo --rollout 16 --prompt-len 256 --new-tokens 256
+    python -m benchmarks.memory --shape llama-3.1-8b --stage rollout --rollout 16 --prompt-len 256 --new-tokens 2
+
+The stage's own code runs (the SFT loss step, PPOTrainer's scoring passes and update, rollout.generate) on
+torch's FakeTensorMode tensors: real shapes and dtypes, no data, no arithmetic. A TorchDispatchMode sees
+every tensor each op returns, counts its storage until the storage is freed, and records the peak of the
+live bytes and what is alive at that moment. As on a GPU, every storage is rounded up to the CUDA
+caching allocator's 512-byte blocks, and bitsandbytes' CUDA dequantize transient (a 4-bit linear over
+more than a few rows dequantizes its weight inside the op, invisible to the dispatcher) is added while its
+op runs. The peak is what `torch.cuda.max_memory_allocated()` would report for the same step, less what
+ops allocate inside themselves and never return (workspaces, kernel temporaries).
+
+`--layers N` traces N decoder layers instead of all of them; `--extrapolate` traces 2 and 3 layers and
+extends the per-layer difference to the model's depth (exact when both traces peak at the same place:
+every per-layer term, from weights to checkpointed inputs, is linear in the depth; checked in
+docs/performance.md against a full trace). Library internals the tracer needs are in
+`benchmarks.memtrace_compat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import tempfile
+import time
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from benchmarks import memtrace_compat as compat
+
+GIB = 2**30
+TOKEN, EOS, PAD = 5, 3, 0  # fake token ids: every sampled token is TOKEN (never EOS nor pad)
+STAGES = ("sft", "ppo", "rollout")
+
+
+class MemoryTracer(TorchDispatchMode):
+    """Live bytes of every storage an op returns, their peak, and what is alive at the peak.
+
+    round_to: allocation granularity (512 on CUDA, 1 to compare with a CPU allocator's counts);
+    gemm_transient: add bitsandbytes' CUDA dequantize transient; fake: answer value reads of fake tensors.
+    """
+
+    def __init__(self, round_to: int = 512, gemm_transient: bool = True, fake: bool = True):
+        super().__init__()
+        self.round_to, self.gemm_transient, self.fake = round_to, gemm_transient, fake
+        self.live: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(storage) -> (ref, bytes, (phase, shape))
+        self.current = self.peak = 0
+        self.phase = "load"
+        self.peak_phase = "load"
+        self.peak_transient = 0
+        self.snapshot: dict[int, tuple[weakref.ref, int, tuple]] = {}
+        self.snapshot_grads: set[int] = set()
+        self.params: list[torch.nn.Parameter] = []  # trainable parameters, whose .grad is told apart at the peak
+        self.phase_peaks: dict[str, int] = {}
+        self.transient_calls = 0
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def _nbytes(self, storage) -> int:
+        n = storage.nbytes()
+        return math.ceil(n / self.round_to) * self.round_to if self.round_to > 1 else n
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[1]
+
+    def _register(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = id(storage)
+        entry = self.live.get(key)
+        if entry is not None and entry[0]() is storage:
+            return
+        n = self._nbytes(storage)
+        ref = weakref.ref(storage, lambda _r, k=key: self._free(k))
+        self.live[key] = (ref, n, (self.phase, tuple(t.shape)))
+        self.current += n
+
+    def _bump(self, transient: int) -> None:
+        now = self.current + transient
+        if now > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = now
+        if now > self.peak:
+            self.peak, self.peak_phase, self.peak_transient = now, self.phase, transient
+            self.snapshot = dict(self.live)
+            self.snapshot_grads = {id(p.grad.untyped_storage()) for p in self.params if p.grad is not None}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.fake and func in compat.RANDOM_FILLS:
+            return args[0]
+        if self.fake and func is compat.SCALAR_READ:
+            return compat.fake_scalar(args[0].dtype, TOKEN)
+        transient = 0
+        if self.gemm_transient and compat.is_gemm_4bit(func):
+            transient = compat.gemm_4bit_transient(args, kwargs)
+            self.transient_calls += transient > 0
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            self._register(t)
+        self._bump(transient)  # the dequantized weight is alive while the op writes its output
+        return out
+
+    def breakdown(self, named: dict[int, str], vocab: int, kv_shape: tuple[int, int] | None) -> dict[str, int]:
+        """Bytes alive at the peak by category. named: id(storage) -> category of tensors alive at the end
+        (weights, LoRA, optimizer state); the rest is told apart by when and what it was allocated."""
+        out: dict[str, int] = {}
+        for key, (ref, n, (phase, shape)) in self.snapshot.items():
+            storage = ref()
+            if key in self.snapshot_grads:
+                cat = "gradients (LoRA, heads)"
+            elif storage is not None and key in named:
+                cat = named[key]
+            elif shape and shape[-1] == vocab:
+                cat = "logits chunk (and its gradient)"
+            elif kv_shape and len(shape) == 4 and (shape[1], shape[3]) == kv_shape and phase == self.peak_phase:
+                cat = "KV cache"
+            elif phase != self.peak_phase and phase.split(":")[0] != self.peak_phase.split(":")[0]:
+                cat = f"kept from {phase.split(':')[0]}"
+            else:
+                cat = "activations"
+            out[cat] = out.get(cat, 0) + n
+        if self.peak_transient:
+            out["bitsandbytes dequantize transient"] = self.peak_transient
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+
+def build_skeleton(shape: str, layers: int | None, dtype: torch.dtype):
+    """The transformers architecture of `shape` on the meta device with bitsandbytes' Linear4bit swapped in by
+    transformers' own replace_with_bnb_linear (NF4, double quantization: load_base's quantization_config).
+    Built outside any tensor mode: bitsandbytes' Params4bit cannot wrap a fake tensor."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    from benchmarks.shapes import build_config
+    from lowmem_rlhf.config import ModelConfig
+    from lowmem_rlhf.model.loading import quantization_config
+
+    overrides = {"bos_token_id": 2, "eos_token_id": EOS, "pad_token_id": PAD}
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
+    config = build_config(shape, **overrides)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    replace_with_bnb_linear(
+        model, modules_to_not_convert=["lm_head"], quantization_config=quantization_config(ModelConfig(), dtype)
+    )
+    return model
+
+
+def build_model(model, dtype: torch.dtype, real: bool):
+    """The end state of `lowmem_rlhf.model.loading.load_base` (NF4, frozen) from a `build_skeleton` model,
+    without a checkpoint: each linear weight quantized from the compute dtype, the rest in the compute dtype.
+    Runs under the caller's mode (fake or real tensors); `real` fills weights with random values."""
+    import bitsandbytes as bnb
+
+    from lowmem_rlhf.model.loading import _keep_cpu_4bit_differentiable
+
+    done: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in done:
+                w = torch.empty(p.shape, dtype=dtype)
+                if real:
+                    w.normal_(0, 0.02) if w.dim() > 1 else w.fill_(1.0)
+                if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
+                    done[id(p)] = compat.quantize_nf4(module, w)
+                    del w
+                else:
+                    done[id(p)] = torch.nn.Parameter(w, requires_grad=False)
+            module._parameters[name] = done[id(p)]
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # buffers off meta
+    _keep_cpu_4bit_differentiable(model)
+    model.config.use_cache = True
+    compat.mark_loaded_in_4bit(model)
+    return model
+
+
+def named_storages(model, bank, optimizer) -> dict[int, str]:
+    """id(storage) -> category for the tensors that live through the whole stage."""
+    import bitsandbytes as bnb
+
+    named: dict[int, str] = {}
+
+    def put(t, cat: str) -> None:
+        if isinstance(t, torch.Tensor):
+            named.setdefault(id(t.untyped_storage()), cat)
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            put(module.weight, "base weights (NF4)")
+            for t in compat.quant_state_tensors(module.weight.quant_state):
+                put(t, "quantization constants")
+    for role in bank.roles:
+        for p in bank.role_parameters(role):
+            put(p, "LoRA adapters and heads")
+    for name, p in bank.peft_model.named_parameters():
+        put(p, "LoRA adapters and heads" if ".lora_" in name else "base weights (bf16)")
+    for state in optimizer.state.values() if optimizer is not None else ():
+        for v in state.values():
+            put(v, "optimizer state")
+    for b in model.buffers():
+        put(b, "base weights (bf16)")
+    return named
+
+
+# ---------------------------------------------------------------------------------------- the stages
+
+
+def _optimizer(params, name: str, lr: float):
+    """build_optimizer's CUDA choice for `name` (adamw or adamw_8bit); the traced device is the CPU."""
+    import bitsandbytes as bnb
+
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def run_sft(args, model, tracer: MemoryTracer):
+    """The SFT step of TrainLoop (sft_loss_sum, backward, clip, optimizer step), `args.steps` times."""
+    from lowmem_rlhf.config import LoRAConfig, SFTConfig
+    from lowmem_rlhf.model.bank import AdapterBank, lora_config
+    from lowmem_rlhf.train.loop import build_scheduler, grad_norm_, step_or_skip
+    from lowmem_rlhf.train.losses import sft_loss_sum
+
+    cfg = SFTConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
+    bank = AdapterBank(model, gradient_checkpointing=True)
+    bank.add_role(
+        "policy", lora=lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0)), trainable=True
+    )
+    params = bank.trainable_parameters()
+    tracer.params = params
+    optimizer = _optimizer(params, args.optimizer, cfg.learning_rate)
+    scheduler = build_scheduler(optimizer, cfg, args.steps)
+    ids = torch.full((args.batch, args.seq), TOKEN, dtype=torch.long)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, args.seq // 2 :] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response}
+    total = float(args.batch * (args.seq - args.seq // 2))
+    for step in range(args.steps):
+        tracer.set_phase(f"step{step}:forward+backward")
+        with bank.use("policy", train=True) as m:
+            loss_sum, _ = sft_loss_sum(m, batch, args.chunk_size)
+            (loss_sum / total).backward()
+        del loss_sum
+        tracer.set_phase(f"step{step}:optimizer")
+        grad_norm_(params, cfg.max_grad_norm)
+        step_or_skip(optimizer, scheduler, True)
+    return bank, optimizer
+
+
+def _rl_bank(args, model):
+    """The PPO stage's four roles as build_rl_bank makes them (policy, reference copy, reward + head, value)."""
+    from lowmem_rlhf.config import LoRAConfig
+    from lowmem_rlhf.model.bank import AdapterBank, lora_config
+
+    bank = AdapterBank(model, gradient_checkpointing=True)
+    lora = lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+    bank.add_role("policy", lora=lora, trainable=True)
+    bank.add_role("reference", copy_of="policy", head=False)
+    bank.add_role("reward", lora=lora, head=True)
+    bank.add_role("value", copy_of="reward", trainable=True, head=True)
+    return bank
+
+
+def ppo_config(args):
+    from lowmem_rlhf.config import PPOConfig
+
+    return PPOConfig(
+        rollout_batch_size=args.rollout,
+        mini_batch_size=args.micro_batch,
+        micro_batch_size=args.micro_batch,
+        ppo_epochs=1,
+        max_new_tokens=args.new_tokens,
+        max_prompt_length=args.prompt_len,
+        critic="separate",
+        normalize_reward=False,
+        num_steps=1,
+        optimizer="adamw",
+    )
+
+
+def run_ppo(args, model, tracer: MemoryTracer):
+    """One PPO iteration: PPOTrainer.rollout's scoring passes (reward, policy, reference, value) on
+    full-length responses, then PPOTrainer.update. Generation is traced on its own (--stage rollout): here it
+    returns max_new_tokens tokens per prompt without running."""
+    import lowmem_rlhf.train.ppo as ppo_mod
+    from lowmem_rlhf.rollout.generate import Generation
+    from lowmem_rlhf.train.loop import build_scheduler
+
+    bank = _rl_bank(args, model)
+    pc = ppo_config(args)
+    # the trainer draws rollout_batch_size of them; a fake index read gives TOKEN, so there are more than TOKEN
+    prompts = [[TOKEN] * args.prompt_len for _ in range(max(args.rollout, TOKEN + 1))]
+
+    def full_length(bank, role, prompts, sampling, *a, **k):
+        return Generation(
+            [list(p) for p in prompts], [[TOKEN] * sampling.max_new_tokens for _ in prompts], [False] * len(prompts)
+        )
+
+    # the trainer reads only ids from its tokenizer, and decodes responses for reward functions and logs
+    tok = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, decode=lambda ids, **kw: "")
+    with (
+        mock.patch.object(ppo_mod, "generate", full_length),
+        mock.patch.object(ppo_mod, "end_of_turn_ids", lambda tokenizer: [EOS]),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        tracer.set_phase("setup")
+        trainer = ppo_mod.PPOTrainer(
+            bank,
+            pc,
+            stage_dir=Path(tmp),
+            prompts=prompts,
+            prompt_texts=[""] * len(prompts),
+            tokenizer=tok,
+            seed=0,
+            settings={},
+            reward_stats=None,
+            chunk_size=args.chunk_size,
+        )
+        if args.optimizer != "adamw":
+            trainer.optimizer = _optimizer(trainer.params, args.optimizer, pc.learning_rate)
+            trainer.scheduler = build_scheduler(trainer.optimizer, pc, math.ceil(args.rollout / args.micro_batch))
+        tracer.params = trainer.params
+        tracer.set_phase("rollout-scoring")
+        ro = trainer.rollout(0)
+        tracer.set_phase("update")
+        trainer.update(ro, 0)
+        del ro
+    return bank, trainer.optimizer
+
+
+def run_rollout(args, model, tracer: MemoryTracer):
+    """rollout.generate from the policy of the PPO bank: prefill of `rollout` prompts, then decoding."""
+    from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
+
+    bank = _rl_bank(args, model)
+    prompts = [[TOKEN] * args.prompt_len for _ in range(args.rollout)]
+    tracer.set_phase("generate")
+    generate(
+        bank,
+        "policy",
+        prompts,
+        SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0),
+        EOS,
+        PAD,
+        generator_seed=0,
+        decode=DecodeConfig(batch_size=0),
+    )
+    return bank, None
+
+
+RUNNERS: dict[str, Callable] = {"sft": run_sft, "ppo": run_ppo, "rollout": run_rollout}
+
+
+@contextlib.contextmanager
+def _mode(real: bool, max_length: int | None) -> Iterator[None]:
+    if real:
+        yield
+    else:
+        with compat.fake_mode(max_length):
+            yield
+
+
+def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True) -> dict:
+    """Trace `args.stage` with `layers` decoder layers (None: the shape's own); real: real CPU tensors;
+    cuda: 512-byte blocks and the CUDA dequantize transient (always off with real tensors, to compare with a
+    CPU allocator). Returns peak, breakdown and phases."""
+    from benchmarks.shapes import SHAPES
+
+    compat.check_versions()
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    cuda = cuda and not real
+    tracer = MemoryTracer(round_to=512 if cuda else 1, gemm_transient=cuda, fake=not real)
+    spec = SHAPES[args.shape]
+    heads = spec["num_attention_heads"]
+    kv_shape = (spec["num_key_value_heads"], spec.get("head_dim") or spec["hidden_size"] // heads)
+    t0 = time.perf_counter()
+    skeleton = build_skeleton(args.shape, layers, dtype)
+    with _mode(real, args.prompt_len + args.new_tokens if args.stage == "rollout" else None), tracer:
+        model = build_model(skeleton, dtype, real)
+        tracer.set_phase("setup")
+        bank, optimizer = RUNNERS[args.stage](args, model, tracer)
+        named = named_storages(model, bank, optimizer)
+        parts = tracer.breakdown(named, spec["vocab_size"], kv_shape if args.stage == "rollout" else None)
+    return {
+        "layers": layers or spec["num_hidden_layers"],
+        "peak_bytes": tracer.peak,
+        "peak_phase": tracer.peak_phase,
+        "alive_at_peak_bytes": parts,
+        "phase_peaks_bytes": tracer.phase_peaks,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def extrapolate(args) -> dict:
+    """Trace 2 and 3 layers and extend their difference to the shape's depth (see the module docstring)."""
+    from benchmarks.shapes import SHAPES
+
+    depth = SHAPES[args.shape]["num_hidden_layers"]
+    two, three = trace(args, 2), trace(args, 3)
+    if two["peak_phase"] != three["peak_phase"]:
+        raise RuntimeError(f"2 and 3 layers peak in different phases ({two['peak_phase']}, {three['peak_phase']})")
+    k = depth - 2
+    a, b = two["alive_at_peak_bytes"], three["alive_at_peak_bytes"]
+    parts = {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in dict.fromkeys([*a, *b])}
+    return {
+        "layers": depth,
+        "extrapolated_from_layers": [2, 3],
+        "peak_bytes": two["peak_bytes"] + k * (three["peak_bytes"] - two["peak_bytes"]),
+        "peak_phase": three["peak_phase"],
+        "alive_at_peak_bytes": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        "per_layer_bytes": three["peak_bytes"] - two["peak_bytes"],
+        "wall_s": two["wall_s"] + three["wall_s"],
+    }
+
+
+def estimate(args) -> dict | None:
+    """`lowmem-rlhf estimate`'s prediction (lowmem_rlhf.model.memory.estimate_stage) for the same settings."""
+    import dataclasses
+
+    from lowmem_rlhf.config import config_from_dict
+    from lowmem_rlhf.model.memory import estimate_stage, resolve_shape
+
+    if args.stage == "rollout":
+        return None  # the estimator has no rollout-only stage: its PPO phase is the larger of rollout and update
+    raw = {
+        "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size},
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0},
+    }
+    if args.stage == "sft":
+        raw["sft"] = {"batch_size": args.batch, "max_length": args.seq, "optimizer": args.optimizer}
+    else:
+        raw["ppo"] = {**dataclasses.asdict(ppo_config(args)), "optimizer": args.optimizer}
+    e = estimate_stage(config_from_dict(raw), resolve_shape(args.shape)[0], args.stage)
+    return {"allocated_bytes": e.allocated, "terms_bytes": dict(e.items)}
+
+
+def run(args) -> dict:
+    result = extrapolate(args) if args.extrapolate else trace(args, args.layers)
+    est = estimate(args) if result["layers"] == _depth(args.shape) else None
+    out = {
+        "shape": args.shape,
+        "stage": args.stage,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "extrapolate", "layers")},
+        **result,
+        "peak_gib": result["peak_bytes"] / GIB,
+        "versions": compat.check_versions(),
+    }
+    if est is not None:
+        out["estimate"] = {
+            **est,
+            "allocated_gib": est["allocated_bytes"] / GIB,
+            "error": est["allocated_bytes"] / result["peak_bytes"] - 1,
+        }
+    return out
+
+
+def _depth(shape: str) -> int:
+    from benchmarks.shapes import SHAPES
+
+    return SHAPES[shape]["num_hidden_layers"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.shapes import SHAPES
+    from lowmem_rlhf.config import ModelConfig
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
+    p.add_argument("--stage", default="sft", choices=STAGES)
+    p.add_argument("--batch", type=int, default=2, help="sft: sequences per step")
+    p.add_argument("--seq", type=int, default=2048, help="sft: tokens per sequence (the second half is response)")
+    p.add_argument("--steps", type=int, default=2, help="sft: optimizer steps (the second has optimizer state)")
+    p.add_argument("--rollout", type=int, default=16, help="ppo/rollout: prompts per iteration")
+    p.add_argument("--prompt-len", type=int, default=256, help="ppo/rollout: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="ppo/rollout: response tokens")
+    p.add_argument("--micro-batch", type=int, default=4, help="ppo: micro- and mini-batch size")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=ModelConfig.logprob_chunk_size, help="model.logprob_chunk_size")
+    p.add_argument(
+        "--optimizer", default=None, choices=["adamw", "adamw_8bit"], help="default: adamw_8bit for sft, adamw for ppo"
+    )
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layers", type=int, default=None, help="trace this many decoder layers")
+    p.add_argument("--extrapolate", action="store_true", help="trace 2 and 3 layers and extend to the full depth")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    if args.optimizer is None:
+        args.optimizer = "adamw_8bit" if args.stage == "sft" else "adamw"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(
+            f"{args.stage} {args.shape} ({result['layers']} layers): traced peak {result['peak_gib']:.3f} GiB "
+            f"in {result['peak_phase']} ({result['wall_s']:.0f} s)"
+        )
+        for cat, n in result["alive_at_peak_bytes"].items():
+            print(f"  {n / GIB:8.3f} GiB  {cat}")
+        if "estimate" in result:
+            e = result["estimate"]
+            print(f"  estimate {e['allocated_gib']:.3f} GiB ({e['error']:+.1%})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
