@@ -197,13 +197,13 @@ def build_family(name: str, cache_dir: Path | None = None, seed: int = 0) -> Pat
     import torch
     import transformers
 
-    from lowmem_rlhf.tiny.model import cache_root, cached_build, train_on_docs
+    from lowmem_rlhf.tiny.model import cache_root, cached_build, cpu_kernels, train_on_docs
     from lowmem_rlhf.tiny.task import corpus_text
 
     family = FAMILIES[name]
     text = corpus_text()
     recipe = [family.__dict__, MICRO, VOCAB_SIZE, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, BUILD_VERSION, seed]
-    recipe += [text]
+    recipe += [text, cpu_kernels()]
 
     def build(folder: Path) -> None:
         tokenizer = _tokenizer(family, text)

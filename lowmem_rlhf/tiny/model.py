@@ -39,6 +39,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("LOWMEM_RLHF_CACHE", Path.home() / ".cache" / "lowmem_rlhf"))
 
 
+def cpu_kernels() -> str:
+    """The CPU kernel path the pre-training runs on (torch's vector ISA, MKL's code path): builds on other
+    kernels round differently, so they are other models and get other folders."""
+    import os
+
+    import torch
+
+    return f"{torch.backends.cpu.get_cpu_capability()}/{os.environ.get('MKL_CBWR', 'auto')}"
+
+
 def train_tokenizer(text: str):
     """A byte-level BPE tokenizer trained on `text`, with our chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -138,7 +148,7 @@ def build_tiny(cache_dir: Path | None = None, seed: int = 0) -> Path:
     text = corpus_text()
     # everything the weights depend on, so a change to any of it builds a new model beside the old one
     recipe = [TINY_LLAMA, VOCAB_SIZE, PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, BUILD_VERSION, seed, text]
-    recipe += [pretraining_text()]
+    recipe += [pretraining_text(), cpu_kernels()]
 
     def build(folder: Path) -> None:
         tokenizer = train_tokenizer(text)
