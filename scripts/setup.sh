@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the project with its test tools.
+# Create .venv (if missing) and install the project with its test tools, at the library versions the
+# documented numbers were measured with (scripts/constraints.txt).
 # On a machine without a GPU we install the CPU build of torch first (pinned, small); set
 # TORCH_SPEC to choose another build, e.g. TORCH_SPEC=torch on a CUDA machine.
 set -euo pipefail
@@ -12,4 +13,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test]" -c scripts/constraints.txt
