@@ -1,13 +1,14 @@
 """End to end: the tiny pipeline recipe through the CLI (SFT -> RM -> PPO, SFT -> DPO, compare), then gold scores.
 
-The outcome thresholds hold on any machine of CI's kind, not just one: each was set from the spread of
-`scripts/tiny_spread.py` over 6 seeds and two CPU kernel paths (12 runs, table in docs/tiny.md) as
-the smallest value seen minus two standard deviations of the runs (upper bounds: the largest plus two),
-rounded towards the safe side. The RL stages' reward gains are asserted positive only: all 12 runs
-gained, their means 3.4 to 3.5 standard deviations above zero.
+The outcome thresholds hold on any machine of CI's kind, not just one. They come from the spread of
+`scripts/tiny_spread.py` (tables in docs/tiny.md): 6 seeds on two CPU kernel paths with a base
+pre-trained on AVX-512 kernels, and 6 seeds with the base a fresh machine pre-trains on the one kernel
+path. Each threshold is the smallest value seen minus two standard deviations of the runs (upper
+bounds: the largest plus two), rounded towards the safe side. The RL stages' reward gains are asserted
+positive only: all 18 runs gained, their means 2.8 to 3.3 standard deviations above zero.
 What did not clear that bar is not asserted here and is reported in docs/tiny.md instead: on this
 task the gold score (as opposed to the reward model's score) of PPO, GRPO and DPO samples rises in
-most runs but not in all (PPO's greedy gold gain ranged from -1.79 to +0.60: with a 71%-accurate
+most runs but not in all (PPO's greedy gold gain ranged from -1.79 to +0.79: with a 71%-accurate
 reward model, some seeds reward-hack).
 """
 
@@ -29,16 +30,16 @@ from lowmem_rlhf.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
-# min - 2 std over the 12 runs of docs/tiny.md ("Reproducibility and spread"), rounded to the safe side
-RM_ACCURACY = 0.68  # runs: 0.700 .. 0.717, std 0.006
-RM_LENGTH_CORR = -0.5  # runs: -0.879 .. -0.733, std 0.053 (the RM prefers concise answers)
-SFT_GOLD = 1.0  # greedy, 48 held-out prompts; runs: 1.573 .. 2.167, std 0.225
-SFT_OVER_BASE = 1.5  # runs: 2.071 .. 2.665, std 0.225
-RL_MAX_KL = 15.0  # summed over a response, last iteration; runs: 1.37 .. 8.14, std 1.64 (PPO); GRPO up to 6.13
+# min - 2 std over the runs of docs/tiny.md ("Reproducibility and spread"), rounded to the safe side
+RM_ACCURACY = 0.68  # runs: 0.697 .. 0.718, std 0.006
+RM_LENGTH_CORR = -0.5  # runs: -0.879 .. -0.733, std 0.049 (the RM prefers concise answers)
+SFT_GOLD = 0.8  # greedy, 48 held-out prompts; runs: 1.323 .. 2.167, std 0.238
+SFT_OVER_BASE = 0.35  # runs: 1.246 .. 2.665, std 0.426 (the two bases score -0.50 and +0.08 untrained)
+RL_MAX_KL = 15.0  # summed over a response, last iteration; runs: 1.37 .. 8.14, std 1.42 (PPO); GRPO up to 6.13
 PPO_WIN_RATE_RM = 0.7  # PPO samples preferred by the reward model over SFT's; runs: 0.801 .. 0.949, std 0.043
-DPO_MARGIN = 0.2  # held-out implicit reward margin, chosen - rejected (0 at step 0); runs: 0.476 .. 0.841, std 0.129
-DPO_LOSS = 0.67  # held-out DPO loss after training (ln 2 = 0.693 at step 0); runs: 0.603 .. 0.641, std 0.013
-DPO_ACCURACY = 0.63  # held-out pairs ordered right by the implicit reward; runs: 0.659 .. 0.693, std 0.011
+DPO_MARGIN = 0.2  # held-out implicit reward margin, chosen - rejected (0 at step 0); runs: 0.476 .. 0.841, std 0.119
+DPO_LOSS = 0.67  # held-out DPO loss after training (ln 2 = 0.693 at step 0); runs: 0.594 .. 0.641, std 0.013
+DPO_ACCURACY = 0.61  # held-out pairs ordered right by the implicit reward; runs: 0.637 .. 0.693, std 0.013
 
 
 def check_rl_gain(run: Path) -> None:
@@ -46,7 +47,7 @@ def check_rl_gain(run: Path) -> None:
     report = json.loads((run / "ppo" / "eval.json").read_text())
     for mode in ("greedy", "sampled"):
         before, after = report["sft"][mode], report["ppo"][mode]
-        # all 12 runs gained: PPO greedy 0.19 .. 0.68, sampled 0.23 .. 0.72; GRPO 0.19 .. 0.46, 0.16 .. 0.50
+        # every run gained: PPO greedy 0.19 .. 0.68, sampled 0.23 .. 0.72; GRPO 0.19 .. 0.64, 0.16 .. 0.70
         assert after["reward"] > before["reward"], (mode, before, after)
         assert after["eos_rate"] > 0.9, (mode, after)
     rows = read_metrics(run / "ppo" / "metrics.jsonl")
@@ -122,7 +123,7 @@ def test_tiny_pipeline_makes_task_shaped_samples(tmp_path, tiny_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "What is 2 plus 3?", "--json"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
-    assert '"response": ' in line and "5" in line  # "Happy to help. 2 plus 3 is 5." in all 12 runs
+    assert '"response": ' in line and "5" in line  # "Happy to help. 2 plus 3 is 5." in every run checked
 
     # re-running skips the finished stage and leaves its adapter alone
     stamp = (out / "sft" / "adapter_model.safetensors").stat().st_mtime_ns
