@@ -24,18 +24,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
-from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimators import ESTIMATORS, AdvantageInputs
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import hidden_states, output_head
@@ -52,20 +49,10 @@ from lowmem_rlhf.ops import (
 from lowmem_rlhf.ops.preference import pearson
 from lowmem_rlhf.rewards import RewardFunction, score_samples
 from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate, stop_token_ids
-from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.io import strict_dumps
-from lowmem_rlhf.train.loop import (
-    build_optimizer,
-    build_scheduler,
-    diverged,
-    fingerprint,
-    grad_norm_,
-    interrupted,
-    step_or_skip,
-)
 from lowmem_rlhf.train.losses import sft_loss_sum
-from lowmem_rlhf.train.metrics import MetricsLogger, truncate_jsonl
-from lowmem_rlhf.train.usage import StageClock, peak_memory
+from lowmem_rlhf.train.runner import LoopRunner
+from lowmem_rlhf.train.usage import peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -180,23 +167,21 @@ class DivergenceWatch:
         return lines
 
 
-@dataclass
-class PPOResult:
-    steps: int
-    metrics: dict
-    resumed_from: int
-
-
-class PPOTrainer:
-    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`.
+class PPOTrainer(LoopRunner):
+    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`, on the one loop runner.
 
     Scores come from the `reward` role (unless `pc.reward_model` is false) plus `reward_fns` weighted by
     `pc.reward_weights`; `judges` only score (logged under their names). Both get `prompt_columns`, the
     prompt rows' other columns; `prompt_source` names the prompt file in their error messages.
     """
 
+    unit = "it"
+    lower = "rollout_batch_size or micro_batch_size (or max_new_tokens)"
+    step_files = ("samples.jsonl",)
+
     def __init__(
         self,
+        *,
         bank: AdapterBank,
         pc: PPOConfig,
         stage_dir: Path,
@@ -213,7 +198,7 @@ class PPOTrainer:
         prompt_columns: dict[str, list] | None = None,
         prompt_source: str = "prompts",
     ):
-        self.bank, self.pc, self.stage_dir = bank, pc, Path(stage_dir)
+        self.pc, self.desc = pc, f"ppo ({pc.advantage})"
         self.prompts, self.prompt_texts, self.tok = prompts, prompt_texts, tokenizer
         self.seed, self.chunk, self.judges, self.ptx_batches = seed, chunk_size, list(judges), ptx_batches
         self.reward_fns, self.reward_weights = list(reward_fns), pc.reward_weights or [1.0] * len(reward_fns)
@@ -227,11 +212,17 @@ class PPOTrainer:
         self.samples_per_prompt = self.estimator.samples_per_prompt(pc.group_size)
         self.rollout_size = pc.rollout_batch_size * self.samples_per_prompt
         updates = pc.num_steps * pc.ppo_epochs * math.ceil(self.rollout_size / pc.mini_batch_size)
-        self.params = bank.trainable_parameters()
-        self.optimizer = build_optimizer(self.params, pc, bank.device)
-        self.scheduler = build_scheduler(self.optimizer, pc, updates)
+        super().__init__(
+            name="ppo",
+            bank=bank,
+            cfg=pc,
+            stage_dir=stage_dir,
+            total_steps=pc.num_steps,
+            scheduler_steps=updates,
+            roles=self.train_roles,
+            settings=settings,
+        )
         self.kl_ctl = AdaptiveKLController(pc.kl_coef, pc.target_kl if pc.adaptive_kl else None, pc.kl_horizon)
-        self.ckpt = Checkpointer(self.stage_dir / "checkpoints", pc.save_total_limit, fingerprint(settings), "ppo")
         self.sampling = SamplingConfig(pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k)
         self.decode = DecodeConfig(
             batch_size=pc.generation_batch_size,
@@ -242,8 +233,6 @@ class PPOTrainer:
         self.eos_ids = end_of_turn_ids(tokenizer)
         self.stop_ids = set(stop_token_ids(bank, self.eos_ids))
         self.last_rollout: Rollout | None = None
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
-        self.skips_in_a_row = 0
         self.watch = DivergenceWatch(pc)
 
     # ------------------------------------------------------------------ 1-5: experience
@@ -410,13 +399,9 @@ class PPOTrainer:
                     k = (step * pc.ppo_epochs + epoch) * n_minibatches + mb_start // pc.mini_batch_size
                     losses.append(self._ptx_step(k))
                     sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + losses[-1] * (len(mb) / pc.micro_batch_size)
-                norm = grad_norm_(self.params, pc.max_grad_norm)
+                norm = self.optimizer_step(all(math.isfinite(v) for v in losses))
                 if pc.max_grad_norm > 0:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm * (len(mb) / pc.micro_batch_size)
-                finite = math.isfinite(norm) and all(math.isfinite(v) for v in losses)
-                step_or_skip(self.optimizer, self.scheduler, finite)
-                self.skipped_steps += not finite
-                self.skips_in_a_row = 0 if finite else self.skips_in_a_row + 1
                 if self.skips_in_a_row >= pc.max_consecutive_skips:
                     break  # the run stops after logging this iteration
             if self.skips_in_a_row >= pc.max_consecutive_skips:
@@ -545,100 +530,48 @@ class PPOTrainer:
         with (self.stage_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
 
-    def save_checkpoint(self, step: int) -> Path:
-        return self.ckpt.save(
-            step,
-            bank=self.bank,
-            roles=self.train_roles,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            extra={
-                "kl_coef": self.kl_ctl.value,
-                **self.clock.state(),
-                "skipped_steps": self.skipped_steps,
-                "skips_in_a_row": self.skips_in_a_row,
-                "eos_rate_start": self.watch.eos_rate_start,
-            },
-        )
+    # ------------------------------------------------------------------ the runner's hooks
 
-    def run(self) -> PPOResult:
-        pc = self.pc
-        log = MetricsLogger(self.stage_dir, pc.report_to, run_name=f"{self.stage_dir.parent.name}/ppo")
-        start = 0
-        self.clock = StageClock()
-        latest = self.ckpt.latest()
-        if latest is not None:
-            start, extra = self.ckpt.load(
-                latest, bank=self.bank, roles=self.train_roles, optimizer=self.optimizer, scheduler=self.scheduler
-            )
-            self.kl_ctl.value = extra["kl_coef"]
-            self.clock.resume(extra)
-            self.skipped_steps, self.skips_in_a_row = extra.get("skipped_steps", 0), extra.get("skips_in_a_row", 0)
-            self.watch.eos_rate_start = extra.get("eos_rate_start")
-            logger.info("ppo: resuming from %s (iteration %d of %d)", latest, start, pc.num_steps)
-        # records of a run killed after its last checkpoint (or before the first): they are redone
-        log.truncate_after(start)
-        truncate_jsonl(self.stage_dir / "samples.jsonl", start)
-        step, last = start, {}
-        bar = tqdm(total=pc.num_steps, initial=start, desc=f"ppo ({pc.advantage})", unit="it", disable=None)
-        try:
-            while step < pc.num_steps:
-                ro = self.rollout(step)
-                self.last_rollout = ro
-                metrics = self.rollout_metrics(ro)
-                metrics.update(self.update(ro, step))
-                self.kl_ctl.update(metrics["kl"], len(ro.input_ids))
-                step += 1
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
-                metrics["elapsed_s"] = self.clock.elapsed()
-                metrics.update(peak_memory(self.bank.device))
-                last = metrics
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", skipped=self.skipped_steps
-                )
-                for line in self.watch.check(step, metrics):
-                    logger.warning("%s", line)
-                stop = self.skips_in_a_row >= pc.max_consecutive_skips
-                if stop or step % pc.logging_steps == 0 or step == pc.num_steps:
-                    log.log(step, metrics)
-                    shown = (
-                        "reward_raw",
-                        "gold",
-                        "kl",
-                        "kl_coef",
-                        "response_length",
-                        "eos_rate",
-                        "clipfrac",
-                        "value_loss",
-                        "explained_variance",
-                    )
-                    bar.write(
-                        f"ppo step {step}/{pc.num_steps}: "
-                        + ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-                    )
-                if step % pc.sample_log_steps == 0 or step == pc.num_steps:
-                    self._log_samples(step, ro)
-                if stop:
-                    raise diverged("ppo", step, pc.num_steps, self.skips_in_a_row, self.ckpt.latest(), pc)
-                # a periodic checkpoint is never taken inside a run of skipped steps: the last good one stays
-                periodic = pc.save_steps > 0 and step % pc.save_steps == 0 and not self.skips_in_a_row
-                if step == pc.num_steps or periodic:
-                    self.save_checkpoint(step)
-        except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
-            self.optimizer.zero_grad(set_to_none=True)
-            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
-            raise interrupted(
-                e, "ppo", step, pc.num_steps, saved, "rollout_batch_size or micro_batch_size (or max_new_tokens)"
-            ) from None
-        except UserError as e:  # a reward function or judge failed: keep what finished, say how to go on
-            self.optimizer.zero_grad(set_to_none=True)
-            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
-            where = f"progress up to step {step} is saved in {saved}" if saved else "no step had finished yet"
-            raise UserError(
-                f"{e} [ppo step {step + 1}/{pc.num_steps}: {where}; fix it, then re-run the same command to resume]"
-            ) from None
-        finally:
-            bar.close()
-            log.close()
-        return PPOResult(step, last, start)
+    def _step(self, step: int) -> dict[str, float]:
+        """One iteration: rollout (1-5), then the PPO epochs (6); the KL controller sees the rollout's KL."""
+        ro = self.rollout(step)
+        self.last_rollout = ro
+        metrics = self.rollout_metrics(ro)
+        metrics.update(self.update(ro, step))
+        self.kl_ctl.update(metrics["kl"], len(ro.input_ids))
+        return metrics
+
+    def after_step(self, step: int, metrics: dict[str, float], at_end: bool) -> None:
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["elapsed_s"] = self.clock.elapsed()
+        metrics.update(peak_memory(self.bank.device))
+        for line in self.watch.check(step, metrics):
+            logger.warning("%s", line)
+
+    def postfix(self, metrics: dict[str, float]) -> dict:
+        return {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics['kl']:.3f}", "skipped": self.skipped_steps}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        shown = (
+            "reward_raw",
+            "gold",
+            "kl",
+            "kl_coef",
+            "response_length",
+            "eos_rate",
+            "clipfrac",
+            "value_loss",
+            "explained_variance",
+        )
+        return ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+
+    def after_log(self, step: int, at_end: bool) -> None:
+        if step % self.pc.sample_log_steps == 0 or at_end:
+            self._log_samples(step, self.last_rollout)
+
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value, "eos_rate_start": self.watch.eos_rate_start}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.kl_ctl.value = extra["kl_coef"]
+        self.watch.eos_rate_start = extra.get("eos_rate_start")
