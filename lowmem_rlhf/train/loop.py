@@ -8,8 +8,10 @@ prompt masking of `lowmem_rlhf.data`, (3) compute log-probs chunk by chunk (pitf
 
 Data order is a pure function of (seed, epoch), and the data cursor is derivable from the step
 (micro-batch m = step * accumulation + k), so a checkpoint only needs the step, the weights, the
-optimizer, the scheduler and the RNG states. Resume, saves, Ctrl-C, skipped steps and the metric
-sinks are the runner's (lowmem_rlhf/train/runner.py).
+optimizer, the scheduler and the RNG states. Under N processes each micro-batch of `batch_size` (a
+global size) is split between them, batch_size / N examples each, and the step's weight and metric
+sums are summed over processes: the step is the one a single process takes, up to float rounding.
+Resume, saves, Ctrl-C, skipped steps and the metric sinks are the runner's (lowmem_rlhf/train/runner.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import TrainingConfig
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.train.runner import (  # noqa: F401  re-exported: the stages and benchmarks import them from here
@@ -66,7 +69,7 @@ class TrainLoop(LoopRunner):
         eval_fn: EvalFn | None = None,
         settings: Any = None,
     ):
-        self.role, self.desc, self.seed = role, name, seed
+        self.role, self.desc = role, name
         self.lower = f"{name}.batch_size (raise gradient_accumulation_steps to keep the effective batch) or max_length"
         self.dataset, self.collate, self.loss_fn, self.weight_fn, self.eval_fn = (
             dataset,
@@ -89,7 +92,9 @@ class TrainLoop(LoopRunner):
             scheduler_steps=total_steps,
             roles=[role],
             settings=settings,
+            seed=seed,
         )
+        distributed.check_divides({f"{name}.batch_size": cfg.batch_size}, self.dist.world)
         self._order_cache: tuple[int, list[int]] | None = None
 
     # ------------------------------------------------------------------ data order
@@ -101,11 +106,21 @@ class TrainLoop(LoopRunner):
         return self._order_cache[1]
 
     def micro_batch(self, m: int) -> Any:
-        """The m-th micro-batch of the run (deterministic, so resume needs only the step)."""
+        """The m-th micro-batch of the run (deterministic, so resume needs only the step).
+
+        Under N processes, this process's share of it; None when the share is empty (the short last
+        micro-batch of an epoch may leave a process without examples).
+        """
         epoch, pos = divmod(m, self.micro_per_epoch)
         order = self._epoch_order(epoch)
         bs = self.cfg.batch_size
-        return self.collate([self.dataset[i] for i in order[pos * bs : (pos + 1) * bs]])
+        rows = order[pos * bs : (pos + 1) * bs]
+        if self.dist.enabled:
+            per = math.ceil(len(rows) / self.dist.world)
+            rows = rows[self.dist.rank * per : (self.dist.rank + 1) * per]
+            if not rows:
+                return None
+        return self.collate([self.dataset[i] for i in rows])
 
     # ------------------------------------------------------------------ one step and its hooks
 
@@ -118,14 +133,23 @@ class TrainLoop(LoopRunner):
         """
         accum = self.cfg.gradient_accumulation_steps
         batches = [self.micro_batch(step * accum + k) for k in range(accum)]
-        total = max(sum(self.weight_fn(b) for b in batches), 1e-8)
+        total = max(distributed.all_reduce_sum([sum(self.weight_fn(b) for b in batches if b is not None)])[0], 1e-8)
         loss_total, sums = 0.0, {}
         with self.bank.use(self.role, train=True) as model:
             for batch in batches:
+                if batch is None:
+                    continue
                 loss_sum, metric_sums = self.loss_fn(model, batch)
                 (loss_sum / total).backward()
                 loss_total += loss_sum.item()
                 for k, v in metric_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        if self.dist.enabled:  # the step's sums over every process's share
+            parts = distributed.all_gather_object((loss_total, sums))
+            loss_total, sums = 0.0, {}
+            for loss_r, sums_r in parts:
+                loss_total += loss_r
+                for k, v in sums_r.items():
                     sums[k] = sums.get(k, 0.0) + v
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.optimizer_step(math.isfinite(loss_total))

@@ -11,6 +11,11 @@ A step whose loss or gradient norm is NaN/inf is skipped (its gradients dropped,
 optimizer state untouched; the schedule and the data cursor still advance) and counted in
 `skipped_steps`; `max_consecutive_skips` skips in a row stop the stage with an error, without a new
 checkpoint and without marking the stage finished.
+
+Under `accelerate launch` with N processes (lowmem_rlhf/distributed.py) the runner adds the
+data-parallel plumbing once: the trainable gradients are summed over processes before each
+optimizer step, every process reseeds at each step from (seed, step, rank), and rank 0 alone writes
+metrics, samples and checkpoints. A checkpoint records N; resuming it with another N is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.train.checkpoint import Checkpointer
@@ -116,7 +122,8 @@ class LoopRunner:
     cfg: the stage's section (TrainingConfig or PPOConfig: optimizer, schedule, logging_steps, save_steps,
     save_total_limit, max_consecutive_skips, report_to). `roles` are the bank roles the checkpoints hold;
     `scheduler_steps` how many optimizer steps the learning-rate schedule spans; `lower` what the
-    out-of-memory message tells the user to lower.
+    out-of-memory message tells the user to lower; `seed` seeds each step's random streams under N > 1
+    processes.
     """
 
     desc: str  # progress bar label
@@ -136,8 +143,11 @@ class LoopRunner:
         scheduler_steps: int,
         roles: list[str],
         settings: Any,
+        seed: int,
     ):
+        self.dist = distributed.state()
         self.name, self.bank, self.cfg, self.stage_dir = name, bank, cfg, Path(stage_dir)
+        self.seed = seed
         self.total_steps, self.roles = total_steps, roles
         self.params = bank.trainable_parameters()
         self.optimizer = build_optimizer(self.params, cfg, bank.device)
@@ -187,6 +197,7 @@ class LoopRunner:
 
         Returns the gradient norm before clipping.
         """
+        distributed.all_reduce_grads(self.params)
         norm = grad_norm_(self.params, self.cfg.max_grad_norm)
         finite = losses_finite and math.isfinite(norm)
         step_or_skip(self.optimizer, self.scheduler, finite)
@@ -195,6 +206,9 @@ class LoopRunner:
         return norm
 
     def save_checkpoint(self, step: int) -> Path:
+        if not self.dist.is_main:  # every process holds the same weights and optimizer state; rank 0 saves them
+            return self.ckpt.root / f"step-{step:07d}"
+        world = {"world_size": self.dist.world} if self.dist.enabled else {}
         return self.ckpt.save(
             step,
             bank=self.bank,
@@ -206,6 +220,7 @@ class LoopRunner:
                 **self.clock.state(),
                 "skipped_steps": self.skipped_steps,
                 "skips_in_a_row": self.skips_in_a_row,
+                **world,
             },
         )
 
@@ -217,6 +232,13 @@ class LoopRunner:
         start, extra = self.ckpt.load(
             latest, bank=self.bank, roles=self.roles, optimizer=self.optimizer, scheduler=self.scheduler
         )
+        saved_world = extra.get("world_size", 1)
+        if saved_world != self.dist.world:
+            raise UserError(
+                f"{latest} was saved by {saved_world} process(es) but this run has {self.dist.world}; resume with "
+                f"{saved_world} (accelerate launch --num_processes {saved_world} ...), or re-run with --force to start "
+                f"the {self.name} stage over"
+            )
         self.load_extra_state(extra)
         self.clock.resume(extra)
         self.skipped_steps, self.skips_in_a_row = extra.get("skipped_steps", 0), extra.get("skips_in_a_row", 0)
@@ -232,18 +254,22 @@ class LoopRunner:
 
     def run(self) -> LoopResult:
         cfg, total = self.cfg, self.total_steps
-        log = MetricsLogger(self.stage_dir, cfg.report_to, run_name=f"{self.stage_dir.parent.name}/{self.name}")
+        main = self.dist.is_main
+        run_name = f"{self.stage_dir.parent.name}/{self.name}"
+        log = MetricsLogger(self.stage_dir, cfg.report_to, run_name=run_name) if main else None
         self.clock = StageClock()
         start = self.resume()
-        # records of a run killed after its last checkpoint (or before the first): they are redone
-        log.truncate_after(start)
-        for name in self.step_files:
-            truncate_jsonl(self.stage_dir / name, start)
+        if main:  # records of a run killed after its last checkpoint (or before the first): they are redone
+            log.truncate_after(start)
+            for name in self.step_files:
+                truncate_jsonl(self.stage_dir / name, start)
         step, last = start, {}
         stopped = False
-        bar = tqdm(total=total, initial=start, desc=self.desc, unit=self.unit, dynamic_ncols=True, disable=None)
+        quiet = None if main else True  # None: tqdm decides (off when not a terminal); only rank 0 shows one
+        bar = tqdm(total=total, initial=start, desc=self.desc, unit=self.unit, dynamic_ncols=True, disable=quiet)
         try:
             while step < total:
+                distributed.step_seed(self.seed, step)
                 metrics = self._step(step)
                 step += 1
                 at_end = step == total
@@ -254,8 +280,9 @@ class LoopRunner:
                 stopped = self.skips_in_a_row >= cfg.max_consecutive_skips
                 if stopped or at_end or step % cfg.logging_steps == 0 or self.wants_log(metrics):
                     self.log_fields(step, metrics)
-                    log.log(step, metrics)
-                    bar.write(f"{self.name} step {step}/{total}: {self.summary(metrics)}")
+                    if main:
+                        log.log(step, metrics)
+                        bar.write(f"{self.name} step {step}/{total}: {self.summary(metrics)}")
                 self.after_log(step, at_end)
                 if stopped:
                     break
@@ -274,7 +301,8 @@ class LoopRunner:
             ) from None
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         if stopped:
             raise diverged(self.name, step, total, self.skips_in_a_row, self.ckpt.latest(), cfg)
         return LoopResult(steps=step, metrics=last, resumed_from=start)
