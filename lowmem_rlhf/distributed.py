@@ -73,11 +73,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective lives: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", state().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Element-wise sums over processes (fp64 on CPU: a few scalars per step)."""
+    """Element-wise sums over processes (fp64: a few scalars per step)."""
     if not state().enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -85,7 +90,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def all_reduce_max(values: list[float]) -> list[float]:
     if not state().enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.tolist()
 
