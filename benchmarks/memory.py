@@ -327,8 +327,8 @@ def run_ppo(args, model, tracer: MemoryTracer):
     ):
         tracer.set_phase("setup")
         trainer = ppo_mod.PPOTrainer(
-            bank,
-            pc,
+            bank=bank,
+            pc=pc,
             stage_dir=Path(tmp),
             prompts=prompts,
             prompt_texts=[""] * len(prompts),

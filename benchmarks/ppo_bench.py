@@ -388,8 +388,8 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
         sft_dir, reward_dir = make_adapters(model, s.lora, Path(tmp) / "adapters", s.seed)
         bank = build_rl_bank(model, sft_dir, reward_dir, s.pc, gradient_checkpointing=True)
         trainer = PPOTrainer(
-            bank,
-            s.pc,
+            bank=bank,
+            pc=s.pc,
             stage_dir=Path(tmp) / "ppo",
             prompts=s.prompts,
             prompt_texts=[""] * len(s.prompts),

@@ -241,6 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
+    from lowmem_rlhf.distributed import per_device_config
     from lowmem_rlhf.model.memory import (
         CUDA_CONTEXT,
         FRAGMENTATION,
@@ -253,8 +254,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     stages = args.stage or [s for s in cfg.stages if s != "compare"] or ["sft"]
     card = parse_size(args.gpu_memory) if args.gpu_memory else None
+    if args.num_processes < 1:
+        raise UserError(f"--num-processes must be at least 1, got {args.num_processes}")
+    # each of N data-parallel processes holds a whole base and runs the recipe's global sizes divided by N
+    cfg = per_device_config(cfg, args.num_processes, stages)
     shape, source, estimates = estimate_recipe(cfg, stages, args.shape)
-    report = {"model": cfg.model.name_or_path, "shape_source": source, "shape": vars(shape), "stages": {}}
+    report = {
+        "model": cfg.model.name_or_path,
+        "shape_source": source,
+        "shape": vars(shape),
+        "num_processes": args.num_processes,
+        "stages": {},
+    }
     mc = cfg.model
     quant = mc.quantization + (" + double quant" if mc.double_quant and mc.quantization in ("nf4", "fp4") else "")
     dtype = "bfloat16" if mc.compute_dtype == "auto" else mc.compute_dtype
@@ -262,6 +273,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         f"model: {cfg.model.name_or_path} ({source}): {shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}; {quant}, compute {dtype}; LoRA r={cfg.lora.r} on {cfg.lora.target_modules}",
     ]
+    if args.num_processes > 1:
+        lines.append(
+            f"per device, for {args.num_processes} data-parallel processes (the recipe's global batch sizes divided "
+            f"by {args.num_processes}; docs/distributed.md)"
+        )
     for e in estimates:
         entry = {
             "items": dict(e.items),
@@ -357,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shape", help="use a known architecture instead of model.name_or_path's config.json")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="per-device memory when N data-parallel processes (accelerate launch --num_processes N) split the "
+        "recipe's global batch sizes",
+    )
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("score", help="score prompt/response rows with a run's reward model")

@@ -6,7 +6,8 @@ follow the layers below, so a lower layer never depends on a higher one or on th
     rollout, train                                 generation; the loops, checkpoints, metrics
     model                                          the base, the adapter bank, heads, forward passes, memory
     config, estimators, data, rewards              recipes; the estimator registry; data; reward-function loading
-    errors, ops, builtins, logs                    the error type, pure math, `builtin:` names, console logging
+    errors, ops, builtins, logs, distributed       the error type, pure math, `builtin:` names, console logging,
+                                                   the data-parallel processes
 
 A module may import its own package, any package of a lower layer, and another package of its own layer.
 `tiny` (the bundled task) is a plugin: it may import up to rollout/train, as a user's files may, and no
@@ -20,7 +21,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowmem_rlhf"
 LAYERS = [
-    ("errors", "ops", "builtins", "logs"),
+    ("errors", "ops", "builtins", "logs", "distributed"),
     ("config", "estimators", "data", "rewards"),
     ("model",),
     ("rollout", "train"),

@@ -63,7 +63,18 @@ def make_trainer(tmp_path, critic: str | None = "separate", stats: dict | None =
     rows, name = load_rows(pc.dataset)
     prompts, texts, _ = tokenize_prompts(rows[:16], tok, 64, name)
     torch.manual_seed(0)
-    return PPOTrainer(bank, pc, tmp_path / "ppo", prompts, texts, tok, 3, settings, stats, 64)
+    return PPOTrainer(
+        bank=bank,
+        pc=pc,
+        stage_dir=tmp_path / "ppo",
+        prompts=prompts,
+        prompt_texts=texts,
+        tokenizer=tok,
+        seed=3,
+        settings=settings,
+        reward_stats=stats,
+        chunk_size=64,
+    )
 
 
 def ended(trainer: PPOTrainer, ro) -> torch.Tensor:

@@ -284,12 +284,12 @@ def test_function_scores_give_hand_computed_advantages(sft_run, tmp_path, monkey
 
     monkeypatch.setattr(ppo_module, "generate", fixed_generate)
     trainer = PPOTrainer(
-        bank,
-        pc,
-        tmp_path / "ppo",
-        prompts,
-        [r["prompt"] for r in rows],
-        tok,
+        bank=bank,
+        pc=pc,
+        stage_dir=tmp_path / "ppo",
+        prompts=prompts,
+        prompt_texts=[r["prompt"] for r in rows],
+        tokenizer=tok,
         seed=0,
         settings={},
         reward_stats=None,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.heads import HEAD_FILE, ScalarHead, check_finite
 
@@ -228,6 +229,8 @@ class AdapterBank:
         """
         role = self._role(name)
         directory = Path(directory)
+        if not distributed.is_main():  # under N processes every one holds the same weights; rank 0 writes
+            return directory
         # Before anything is written: a diverged (NaN/inf) adapter or head never replaces a result.
         check_finite(self.state_dict(name), f"role {name!r} to {directory}")
         directory.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.builtins import is_builtin, model_path
 from lowmem_rlhf.config import ModelConfig
 from lowmem_rlhf.errors import UserError
@@ -17,11 +18,11 @@ logger = logging.getLogger(__name__)
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA on a machine without it is a user error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"model.device is {name!r} but no CUDA GPU is visible; use model.device=cpu or auto")
-    return device
+    return distributed.local_device(device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -392,9 +392,16 @@ def estimate_recipe(cfg: RecipeConfig, stages: list[str], shape_name: str | None
 
 
 def check_fits(cfg: RecipeConfig, stage: str, device) -> None:
-    """Before a stage loads the model on a GPU: warn when the estimate says the run will not fit."""
+    """Before a stage loads the model on a GPU: warn when the estimate says the run will not fit.
+
+    Under N data-parallel processes the estimate is one process's (global batch sizes divided by N),
+    and sizes that N does not divide are refused here, before the model loads.
+    """
     import torch
 
+    from lowmem_rlhf import distributed
+
+    cfg = distributed.per_device_config(cfg, distributed.state().world, [stage])
     if device.type != "cuda":
         return
     try:

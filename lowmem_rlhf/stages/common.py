@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import ModelConfig, RecipeConfig, config_from_dict, config_to_dict, dump_yaml, read_recipe
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.train.checkpoint import Checkpointer
@@ -53,7 +54,7 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
     information. Nested use in one process is allowed.
     """
     out = Path(output_dir).resolve()
-    if out in _locks:
+    if out in _locks or not distributed.is_main():  # under N processes rank 0 holds the lock for all of them
         yield
         return
     if out.exists() and not out.is_dir():
@@ -96,7 +97,9 @@ def locked_stage(run):
     @functools.wraps(run)
     def wrapper(cfg: RecipeConfig, force: bool = False):
         with run_lock(cfg.output_dir):
-            return run(cfg, force)
+            out = run(cfg, force)
+        distributed.barrier()  # under N processes: the next stage starts once rank 0 wrote this one's results
+        return out
 
     return wrapper
 
@@ -132,6 +135,8 @@ class Manifest:
         return self.data["stages"].get(stage)
 
     def mark_finished(self, stage: str, info: dict) -> None:
+        if not distributed.is_main():
+            return
         self.data["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         atomic_write_json(self.path, self.data)
 
@@ -250,6 +255,24 @@ def begin_stage(
     cfg: RecipeConfig, stage: str, force: bool, settings: dict | None = None
 ) -> tuple[Path, Manifest, bool]:
     """Prepare `output_dir/<stage>`; returns (stage_dir, manifest, already_finished).
+
+    Under N processes rank 0 prepares the folder (see `_prepare_stage`) while the others wait, then
+    they read the manifest it left.
+    """
+    if not distributed.is_main():
+        distributed.barrier()
+        out = Path(cfg.output_dir)
+        manifest = Manifest(out)
+        return out / STAGE_DIRS[stage], manifest, manifest.finished(stage) is not None
+    prepared = _prepare_stage(cfg, stage, force, settings)
+    distributed.barrier()
+    return prepared
+
+
+def _prepare_stage(
+    cfg: RecipeConfig, stage: str, force: bool, settings: dict | None = None
+) -> tuple[Path, Manifest, bool]:
+    """begin_stage's work in the one process that writes.
 
     `settings` are what the stage's result depends on (its own section plus the fingerprints of the
     stages it builds on; default `stage_settings`): the same dict the stage fingerprints its

@@ -1,5 +1,8 @@
 """Atomic file writes: a killed process never leaves a half-written file under its final name.
 
+Under N data-parallel processes only rank 0 writes: the others hold the same results, and two
+processes replacing one file would race.
+
 JSON is strict: a NaN or inf is written as null (NaN is not JSON, and a reader such as `jq` rejects it).
 """
 
@@ -12,10 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.errors import UserError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

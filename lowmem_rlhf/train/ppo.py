@@ -24,18 +24,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
-from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimators import ESTIMATORS, AdvantageInputs
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import hidden_states, output_head
@@ -52,20 +50,10 @@ from lowmem_rlhf.ops import (
 from lowmem_rlhf.ops.preference import pearson
 from lowmem_rlhf.rewards import RewardFunction, score_samples
 from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate, stop_token_ids
-from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.io import strict_dumps
-from lowmem_rlhf.train.loop import (
-    build_optimizer,
-    build_scheduler,
-    diverged,
-    fingerprint,
-    grad_norm_,
-    interrupted,
-    step_or_skip,
-)
 from lowmem_rlhf.train.losses import sft_loss_sum
-from lowmem_rlhf.train.metrics import MetricsLogger, truncate_jsonl
-from lowmem_rlhf.train.usage import StageClock, peak_memory
+from lowmem_rlhf.train.runner import LoopRunner
+from lowmem_rlhf.train.usage import peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -180,23 +168,21 @@ class DivergenceWatch:
         return lines
 
 
-@dataclass
-class PPOResult:
-    steps: int
-    metrics: dict
-    resumed_from: int
-
-
-class PPOTrainer:
-    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`.
+class PPOTrainer(LoopRunner):
+    """Runs `pc.num_steps` iterations of rollout + update on the roles of `bank`, on the one loop runner.
 
     Scores come from the `reward` role (unless `pc.reward_model` is false) plus `reward_fns` weighted by
     `pc.reward_weights`; `judges` only score (logged under their names). Both get `prompt_columns`, the
     prompt rows' other columns; `prompt_source` names the prompt file in their error messages.
     """
 
+    unit = "it"
+    lower = "rollout_batch_size or micro_batch_size (or max_new_tokens)"
+    step_files = ("samples.jsonl",)
+
     def __init__(
         self,
+        *,
         bank: AdapterBank,
         pc: PPOConfig,
         stage_dir: Path,
@@ -213,7 +199,7 @@ class PPOTrainer:
         prompt_columns: dict[str, list] | None = None,
         prompt_source: str = "prompts",
     ):
-        self.bank, self.pc, self.stage_dir = bank, pc, Path(stage_dir)
+        self.pc, self.desc = pc, f"ppo ({pc.advantage})"
         self.prompts, self.prompt_texts, self.tok = prompts, prompt_texts, tokenizer
         self.seed, self.chunk, self.judges, self.ptx_batches = seed, chunk_size, list(judges), ptx_batches
         self.reward_fns, self.reward_weights = list(reward_fns), pc.reward_weights or [1.0] * len(reward_fns)
@@ -227,14 +213,23 @@ class PPOTrainer:
         self.samples_per_prompt = self.estimator.samples_per_prompt(pc.group_size)
         self.rollout_size = pc.rollout_batch_size * self.samples_per_prompt
         updates = pc.num_steps * pc.ppo_epochs * math.ceil(self.rollout_size / pc.mini_batch_size)
-        self.params = bank.trainable_parameters()
-        self.optimizer = build_optimizer(self.params, pc, bank.device)
-        self.scheduler = build_scheduler(self.optimizer, pc, updates)
+        super().__init__(
+            name="ppo",
+            bank=bank,
+            cfg=pc,
+            stage_dir=stage_dir,
+            total_steps=pc.num_steps,
+            scheduler_steps=updates,
+            roles=self.train_roles,
+            settings=settings,
+            seed=seed,
+        )
+        # this process's sizes: rollout_batch_size prompts (whole groups), mini- and micro-batches split N ways
+        self.lpc = distributed.per_device_section("ppo", pc, self.dist.world)
         self.kl_ctl = AdaptiveKLController(pc.kl_coef, pc.target_kl if pc.adaptive_kl else None, pc.kl_horizon)
-        self.ckpt = Checkpointer(self.stage_dir / "checkpoints", pc.save_total_limit, fingerprint(settings), "ppo")
         self.sampling = SamplingConfig(pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k)
         self.decode = DecodeConfig(
-            batch_size=pc.generation_batch_size,
+            batch_size=self.lpc.generation_batch_size,
             cache=pc.generation_cache,
             prompt_width=pc.max_prompt_length if pc.generation_cache == "static" else None,
             compile=pc.compile_generation,
@@ -242,8 +237,7 @@ class PPOTrainer:
         self.eos_ids = end_of_turn_ids(tokenizer)
         self.stop_ids = set(stop_token_ids(bank, self.eos_ids))
         self.last_rollout: Rollout | None = None
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
-        self.skips_in_a_row = 0
+        self.global_rollout: Rollout | None = None  # under N processes: every process's rollout, gathered
         self.watch = DivergenceWatch(pc)
 
     # ------------------------------------------------------------------ 1-5: experience
@@ -289,7 +283,7 @@ class PPOTrainer:
     def _score_raw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         if not self.pc.reward_model:
             return None
-        out, mb = [], self.pc.micro_batch_size
+        out, mb = [], self.lpc.micro_batch_size
         with self.bank.use("reward") as m:
             for i in range(0, len(input_ids), mb):
                 out.append(
@@ -300,7 +294,7 @@ class PPOTrainer:
     @torch.no_grad()
     def _pass(self, role: str, ids, mask, p: int, value_head=None, need_logprobs=True):
         """Log-probs and/or values of every rollout row, micro-batch by micro-batch in rollout order."""
-        logps, vals, mb = [], [], self.pc.micro_batch_size
+        logps, vals, mb = [], [], self.lpc.micro_batch_size
         with self.bank.use(role) as m:
             for i in range(0, len(ids), mb):
                 lp, v, _ = response_forward(
@@ -336,7 +330,11 @@ class PPOTrainer:
 
     def rollout(self, step: int) -> Rollout:
         pc = self.pc
-        index = [i for i in self.prompt_indices(step) for _ in range(self.samples_per_prompt)]
+        chosen = self.prompt_indices(step)
+        if self.dist.enabled:  # this process's share of the prompts; a prompt's samples stay together
+            a, b = distributed.share(len(chosen))
+            chosen = chosen[a:b]
+        index = [i for i in chosen for _ in range(self.samples_per_prompt)]
         prompts = [self.prompts[i] for i in index]
         # 1. generate trajectories (eval mode, KV cache, stop at EOS)
         gen = generate(
@@ -359,9 +357,12 @@ class PPOTrainer:
         kl = torch.where(rmask, kl_penalty(logprobs, ref_logprobs, pc.kl_estimator), 0.0)
         # 5. advantages (the estimator's own baseline: critic values, group, greedy response, batch)
         baseline = self._greedy_scores(prompts, index, ids.device) if self.estimator.greedy_baseline else None
-        advantages, returns = self.estimator.advantages(
-            AdvantageInputs(scores, kl, self.kl_ctl.value, rmask, values, baseline), pc
-        )
+        inputs = AdvantageInputs(scores, kl, self.kl_ctl.value, rmask, values, baseline)
+        if self.dist.enabled:
+            advantages, returns = self._global_advantages(inputs, raw, index, gen.response_ids, fn_scores, judged)
+        else:
+            advantages, returns = self.estimator.advantages(inputs, pc)
+            self.global_rollout = None
         return Rollout(
             ids,
             mask,
@@ -381,22 +382,83 @@ class PPOTrainer:
             judged,
         )
 
+    def _global_advantages(self, x: AdvantageInputs, raw, index, response_ids, fn_scores, judged):
+        """Under N processes: gather every process's rollout, compute the advantages on the whole of it
+        (whitening and batch baselines see what one process would) and keep this process's rows.
+
+        The gathered rollout (CPU, no token ids) is kept in `global_rollout` for the metrics and samples.
+        """
+        local = {
+            "scores": x.scores.cpu(),
+            "kl": x.kl.cpu(),
+            "mask": x.mask.cpu(),
+            "values": None if x.values is None else x.values.cpu(),
+            "baseline": None if x.baseline_scores is None else x.baseline_scores.cpu(),
+            "raw": None if raw is None else raw.cpu(),
+            "index": index,
+            "response_ids": response_ids,
+            "fn_scores": fn_scores,
+            "judged": judged,
+        }
+        parts = distributed.all_gather_object(local)
+        width = max(p["kl"].shape[1] for p in parts)
+
+        def cat(key: str):
+            if parts[0][key] is None:
+                return None
+            ts = [p[key] for p in parts]
+            if ts[0].dim() == 2:  # right-pad each process's (b, t) to the widest response (0 / False: not valid)
+                ts = [torch.cat([t, t.new_zeros(len(t), width - t.shape[1])], 1) for t in ts]
+            return torch.cat(ts)
+
+        def join(key: str):
+            return {name: [v for p in parts for v in p[key][name]] for name in parts[0][key]}
+
+        g = {k: cat(k) for k in ("scores", "kl", "mask", "values", "baseline", "raw")}
+        advantages, returns = self.estimator.advantages(
+            AdvantageInputs(g["scores"], g["kl"], x.kl_coef, g["mask"], g["values"], g["baseline"]), self.pc
+        )
+        self.global_rollout = Rollout(
+            None,
+            None,
+            g["mask"],
+            0,
+            None,
+            None,
+            g["values"],
+            g["raw"],
+            g["scores"],
+            g["kl"],
+            advantages,
+            returns,
+            [i for p in parts for i in p["index"]],
+            [r for p in parts for r in p["response_ids"]],
+            join("fn_scores"),
+            join("judged"),
+        )
+        start = sum(len(p["index"]) for p in parts[: self.dist.rank])
+        rows, t, device = slice(start, start + len(index)), x.kl.shape[1], x.kl.device
+        return advantages[rows, :t].to(device), None if returns is None else returns[rows, :t].to(device)
+
     # ------------------------------------------------------------------ 6: PPO epochs
 
     def update(self, ro: Rollout, step: int) -> dict[str, float]:
-        pc, n = self.pc, len(ro.input_ids)
-        n_minibatches = math.ceil(n / pc.mini_batch_size)
+        pc, lpc, n = self.pc, self.lpc, len(ro.input_ids)
+        n_minibatches = math.ceil(n / lpc.mini_batch_size)
         sums: dict[str, float] = {}
         count = 0
         first_dev = 0.0
         for epoch in range(pc.ppo_epochs):
             order = torch.arange(n) if epoch == 0 else torch.randperm(n)
-            for mb_start in range(0, n, pc.mini_batch_size):
-                mb = order[mb_start : mb_start + pc.mini_batch_size]
-                mb_tokens = ro.response_mask[mb].sum().clamp(min=1)
+            for mb_start in range(0, n, lpc.mini_batch_size):
+                mb = order[mb_start : mb_start + lpc.mini_batch_size]
+                mb_tokens = ro.response_mask[mb].sum()
+                if self.dist.enabled:  # each token's weight is 1 / the tokens of the global minibatch
+                    mb_tokens = mb_tokens.new_tensor(distributed.all_reduce_sum([float(mb_tokens)])[0])
+                mb_tokens = mb_tokens.clamp(min=1)
                 losses = []
-                for mi in range(0, len(mb), pc.micro_batch_size):
-                    idx = mb[mi : mi + pc.micro_batch_size]
+                for mi in range(0, len(mb), lpc.micro_batch_size):
+                    idx = mb[mi : mi + lpc.micro_batch_size]
                     stats = self._micro_step(ro, idx, float(ro.response_mask[idx].sum() / mb_tokens))
                     if epoch == 0 and mb_start == 0:
                         first_dev = max(first_dev, stats.pop("max_logratio"))
@@ -407,21 +469,22 @@ class PPOTrainer:
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
                 if self.ptx_batches is not None and pc.ptx_coef > 0:
-                    k = (step * pc.ppo_epochs + epoch) * n_minibatches + mb_start // pc.mini_batch_size
+                    k = (step * pc.ppo_epochs + epoch) * n_minibatches + mb_start // lpc.mini_batch_size
                     losses.append(self._ptx_step(k))
-                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + losses[-1] * (len(mb) / pc.micro_batch_size)
-                norm = grad_norm_(self.params, pc.max_grad_norm)
+                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + losses[-1] * (len(mb) / lpc.micro_batch_size)
+                norm = self.optimizer_step(all(math.isfinite(v) for v in losses))
                 if pc.max_grad_norm > 0:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm * (len(mb) / pc.micro_batch_size)
-                finite = math.isfinite(norm) and all(math.isfinite(v) for v in losses)
-                step_or_skip(self.optimizer, self.scheduler, finite)
-                self.skipped_steps += not finite
-                self.skips_in_a_row = 0 if finite else self.skips_in_a_row + 1
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm * (len(mb) / lpc.micro_batch_size)
                 if self.skips_in_a_row >= pc.max_consecutive_skips:
                     break  # the run stops after logging this iteration
             if self.skips_in_a_row >= pc.max_consecutive_skips:
                 break
         metrics = {k: v / count for k, v in sums.items()}
+        if self.dist.enabled:  # the mean over processes (each ran the same number of micro-steps)
+            keys = sorted(metrics)
+            total = distributed.all_reduce_sum([metrics[k] for k in keys])
+            metrics = {k: v / self.dist.world for k, v in zip(keys, total, strict=True)}
+            first_dev = distributed.all_reduce_max([first_dev])[0]
         metrics["first_minibatch_max_logratio"] = first_dev
         metrics["skipped_steps"] = self.skipped_steps
         return metrics
@@ -484,7 +547,9 @@ class PPOTrainer:
         with self.bank.use("policy", train=True) as m:
             loss_sum, _ = sft_loss_sum(m, batch, self.chunk)
             loss = loss_sum / tokens
-            (self.pc.ptx_coef * loss).backward()
+            # under N processes every one adds this batch's gradient / N: their sum is one batch's gradient
+            scale = self.pc.ptx_coef / self.dist.world if self.dist.enabled else self.pc.ptx_coef
+            (scale * loss).backward()
         return loss.item()
 
     # ------------------------------------------------------------------ logging and the loop
@@ -545,100 +610,50 @@ class PPOTrainer:
         with (self.stage_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
 
-    def save_checkpoint(self, step: int) -> Path:
-        return self.ckpt.save(
-            step,
-            bank=self.bank,
-            roles=self.train_roles,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            extra={
-                "kl_coef": self.kl_ctl.value,
-                **self.clock.state(),
-                "skipped_steps": self.skipped_steps,
-                "skips_in_a_row": self.skips_in_a_row,
-                "eos_rate_start": self.watch.eos_rate_start,
-            },
-        )
+    # ------------------------------------------------------------------ the runner's hooks
 
-    def run(self) -> PPOResult:
-        pc = self.pc
-        log = MetricsLogger(self.stage_dir, pc.report_to, run_name=f"{self.stage_dir.parent.name}/ppo")
-        start = 0
-        self.clock = StageClock()
-        latest = self.ckpt.latest()
-        if latest is not None:
-            start, extra = self.ckpt.load(
-                latest, bank=self.bank, roles=self.train_roles, optimizer=self.optimizer, scheduler=self.scheduler
-            )
-            self.kl_ctl.value = extra["kl_coef"]
-            self.clock.resume(extra)
-            self.skipped_steps, self.skips_in_a_row = extra.get("skipped_steps", 0), extra.get("skips_in_a_row", 0)
-            self.watch.eos_rate_start = extra.get("eos_rate_start")
-            logger.info("ppo: resuming from %s (iteration %d of %d)", latest, start, pc.num_steps)
-        # records of a run killed after its last checkpoint (or before the first): they are redone
-        log.truncate_after(start)
-        truncate_jsonl(self.stage_dir / "samples.jsonl", start)
-        step, last = start, {}
-        bar = tqdm(total=pc.num_steps, initial=start, desc=f"ppo ({pc.advantage})", unit="it", disable=None)
-        try:
-            while step < pc.num_steps:
-                ro = self.rollout(step)
-                self.last_rollout = ro
-                metrics = self.rollout_metrics(ro)
-                metrics.update(self.update(ro, step))
-                self.kl_ctl.update(metrics["kl"], len(ro.input_ids))
-                step += 1
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
-                metrics["elapsed_s"] = self.clock.elapsed()
-                metrics.update(peak_memory(self.bank.device))
-                last = metrics
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", skipped=self.skipped_steps
-                )
-                for line in self.watch.check(step, metrics):
-                    logger.warning("%s", line)
-                stop = self.skips_in_a_row >= pc.max_consecutive_skips
-                if stop or step % pc.logging_steps == 0 or step == pc.num_steps:
-                    log.log(step, metrics)
-                    shown = (
-                        "reward_raw",
-                        "gold",
-                        "kl",
-                        "kl_coef",
-                        "response_length",
-                        "eos_rate",
-                        "clipfrac",
-                        "value_loss",
-                        "explained_variance",
-                    )
-                    bar.write(
-                        f"ppo step {step}/{pc.num_steps}: "
-                        + ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-                    )
-                if step % pc.sample_log_steps == 0 or step == pc.num_steps:
-                    self._log_samples(step, ro)
-                if stop:
-                    raise diverged("ppo", step, pc.num_steps, self.skips_in_a_row, self.ckpt.latest(), pc)
-                # a periodic checkpoint is never taken inside a run of skipped steps: the last good one stays
-                periodic = pc.save_steps > 0 and step % pc.save_steps == 0 and not self.skips_in_a_row
-                if step == pc.num_steps or periodic:
-                    self.save_checkpoint(step)
-        except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
-            self.optimizer.zero_grad(set_to_none=True)
-            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
-            raise interrupted(
-                e, "ppo", step, pc.num_steps, saved, "rollout_batch_size or micro_batch_size (or max_new_tokens)"
-            ) from None
-        except UserError as e:  # a reward function or judge failed: keep what finished, say how to go on
-            self.optimizer.zero_grad(set_to_none=True)
-            saved = self.save_checkpoint(step) if step > start else self.ckpt.latest()
-            where = f"progress up to step {step} is saved in {saved}" if saved else "no step had finished yet"
-            raise UserError(
-                f"{e} [ppo step {step + 1}/{pc.num_steps}: {where}; fix it, then re-run the same command to resume]"
-            ) from None
-        finally:
-            bar.close()
-            log.close()
-        return PPOResult(step, last, start)
+    def _step(self, step: int) -> dict[str, float]:
+        """One iteration: rollout (1-5), then the PPO epochs (6); the KL controller sees the rollout's KL."""
+        ro = self.rollout(step)
+        # under N processes the metrics and samples are those of every process's rollout together
+        whole = ro if self.global_rollout is None else self.global_rollout
+        self.last_rollout = whole
+        metrics = self.rollout_metrics(whole)
+        metrics.update(self.update(ro, step))
+        self.kl_ctl.update(metrics["kl"], len(whole.response_ids))
+        return metrics
+
+    def after_step(self, step: int, metrics: dict[str, float], at_end: bool) -> None:
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["elapsed_s"] = self.clock.elapsed()
+        metrics.update(peak_memory(self.bank.device))
+        for line in self.watch.check(step, metrics):
+            logger.warning("%s", line)
+
+    def postfix(self, metrics: dict[str, float]) -> dict:
+        return {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics['kl']:.3f}", "skipped": self.skipped_steps}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        shown = (
+            "reward_raw",
+            "gold",
+            "kl",
+            "kl_coef",
+            "response_length",
+            "eos_rate",
+            "clipfrac",
+            "value_loss",
+            "explained_variance",
+        )
+        return ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+
+    def after_log(self, step: int, at_end: bool) -> None:
+        if self.dist.is_main and (step % self.pc.sample_log_steps == 0 or at_end):
+            self._log_samples(step, self.last_rollout)
+
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value, "eos_rate_start": self.watch.eos_rate_start}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.kl_ctl.value = extra["kl_coef"]
+        self.watch.eos_rate_start = extra.get("eos_rate_start")
