@@ -2,7 +2,7 @@
 
 On CPU, loading a base in 4 bits spends almost all its time in bitsandbytes' `quantize_4bit`: the
 library's only CPU implementation (its "default" kernel) scales whole weight matrices at once and
-finds each value's code with `torch.bucketize`, about 30-80 ns per weight on one core (95% of
+finds each value's code with `torch.bucketize`, about 30-80 ns per weight on one core (97% of
 `load_base` for Qwen2.5-0.5B). `fast_quantize_4bit` computes the same bytes: the same absmax, the
 same `x * (1 / absmax)` scaling and clamp, and the code as the number of midpoints below the value
 (what `bucketize(..., right=False)` returns), counted with 15 comparisons over cache-sized chunks of
