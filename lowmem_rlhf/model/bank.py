@@ -85,7 +85,7 @@ class AdapterBank:
         adapter. fresh_head=True starts a new head on a loaded or copied adapter (a reward model
         initialised from the SFT adapter).
         """
-        from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import PeftModel, get_peft_model
 
         if not _ROLE_NAME.match(name):
             raise ValueError(f"role name {name!r} must be a Python identifier")
@@ -114,8 +114,7 @@ class AdapterBank:
             self.peft_model.add_adapter(name, lora)
 
         if copy_of is not None:
-            state = get_peft_model_state_dict(self.peft_model, adapter_name=copy_of)
-            set_peft_model_state_dict(self.peft_model, state, adapter_name=name)
+            self._copy_lora(copy_of, name)
 
         role = Role(name, trainable)
         if head:
@@ -132,6 +131,18 @@ class AdapterBank:
         self.peft_model.set_adapter(next(iter(self.roles)))
         self._apply_flags()
         return role
+
+    @torch.no_grad()
+    def _copy_lora(self, source: str, target: str) -> None:
+        """Copy `source`'s LoRA weights into the freshly added `target`, tensor by tensor (same shapes, same
+        modules): what peft's get/set_peft_model_state_dict do, without walking the 4-bit base's state dict."""
+        src, dst = f".{source}.", f".{target}."
+        params = dict(self.peft_model.named_parameters())
+        pairs = [(p, params[n.replace(src, dst)]) for n, p in params.items() if "lora_" in n and src in f"{n}."]
+        if not pairs:
+            raise RuntimeError(f"role {source!r} has no LoRA weights to copy")
+        for p, q in pairs:
+            q.copy_(p)
 
     def _role(self, name: str) -> Role:
         if name not in self.roles:
@@ -162,12 +173,13 @@ class AdapterBank:
         return [p for name, role in self.roles.items() if role.trainable for p in self.role_parameters(name)]
 
     def _apply_flags(self) -> None:
-        """Set requires_grad from the bank's record, undoing whatever peft flipped."""
-        for p in self.peft_model.parameters():
-            p.requires_grad_(False)
-        for name, role in self.roles.items():
-            for p in self.role_parameters(name):
-                p.requires_grad_(role.trainable)
+        """Set requires_grad from the bank's record, undoing whatever peft flipped (one pass over the model)."""
+        markers = [f".{name}." for name, role in self.roles.items() if role.trainable]
+        for n, p in self.peft_model.named_parameters():
+            p.requires_grad_("lora_" in n and any(m in f"{n}." for m in markers))
+        for role in self.roles.values():
+            if role.head is not None:
+                role.head.requires_grad_(role.trainable)
 
     # ------------------------------------------------------------------ switching
 

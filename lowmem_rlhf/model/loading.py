@@ -151,21 +151,24 @@ def load_base(cfg: ModelConfig):
     """
     from transformers import AutoModelForCausalLM
 
+    from lowmem_rlhf.model.quantize_cpu import cpu_quantization
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
     path = resolve_path(cfg)
     attention = _attention(cfg, device, path)
     tokenizer = load_tokenizer(cfg, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=cfg.revision,
-            quantization_config=quantization_config(cfg, dtype),
-            dtype=dtype,
-            device_map={"": str(device)},
-            attn_implementation=attention,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        with cpu_quantization():  # the same 4-bit bytes as bitsandbytes' CPU kernel, several times faster
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                revision=cfg.revision,
+                quantization_config=quantization_config(cfg, dtype),
+                dtype=dtype,
+                device_map={"": str(device)},
+                attn_implementation=attention,
+                trust_remote_code=cfg.trust_remote_code,
+            )
     except OSError as e:
         raise UserError(f"model.name_or_path {cfg.name_or_path!r}: could not load the model ({e})") from None
     except torch.OutOfMemoryError:
