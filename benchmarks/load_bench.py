@@ -117,8 +117,8 @@ def ours(s: argparse.Namespace) -> Phases:
             bank = build_rl_bank(model, s.sft_dir, s.reward_dir, s.pc, gradient_checkpointing=True)
         with t.phase("trainer"):
             PPOTrainer(
-                bank,
-                s.pc,
+                bank=bank,
+                pc=s.pc,
                 stage_dir=s.tmp / "ppo",
                 prompts=s.prompts,
                 prompt_texts=[""] * len(s.prompts),
