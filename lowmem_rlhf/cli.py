@@ -42,13 +42,21 @@ def check_run_inputs(cfg) -> None:
     check_model_source(cfg.model.name_or_path, cfg.model.revision)
 
 
+def report(line: str) -> None:
+    """A command's result line, printed once: by the one process, or by rank 0 of a data-parallel launch."""
+    from lowmem_rlhf import distributed
+
+    if distributed.is_main():
+        print(line)
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
     check_run_inputs(cfg)
     path = _stage_module(args.command).run(cfg, force=args.force)
-    print(f"{args.command}: done -> {path}")
+    report(f"{args.command}: done -> {path}")
     return 0
 
 
@@ -62,8 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for stage in cfg.stages:
             logging.getLogger(__name__).info("== stage %s ==", stage)
             path = _stage_module(stage).run(cfg, force=args.force)
-            print(f"{stage}: done -> {path}")
-    print(f"run finished: {cfg.output_dir}")
+            report(f"{stage}: done -> {path}")
+    report(f"run finished: {cfg.output_dir}")
     return 0
 
 

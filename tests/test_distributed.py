@@ -130,6 +130,7 @@ def runs(tmp_path_factory, tiny_path):
     for name, n in (("one", 1), ("two", 2)):
         proc = launch(n, "run", str(recipe(root / name)))
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("run finished:") == 1 and proc.stdout.count("sft: done ->") == 1  # rank 0 reports
     return root
 
 
