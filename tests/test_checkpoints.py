@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.stages import sft
-from lowmem_rlhf.train.checkpoint import Checkpointer, decode_state, encode_state, sha256_file
+from lowmem_rlhf.train.checkpoint import FORMAT, Checkpointer, decode_state, encode_state, sha256_file
 from lowmem_rlhf.train.loop import TrainLoop
 from lowmem_rlhf.train.metrics import read_metrics
 
@@ -105,7 +105,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_executed(make_cfg, tmp_path, 
     torch.save({"rng": Payload()}, forged / "tensors.safetensors")
     (forged / "trainer_state.json").write_text("{}")
     files = {n: sha256_file(forged / n) for n in ("tensors.safetensors", "trainer_state.json")}
-    (forged / "state.json").write_text(json.dumps({"step": 4, "fingerprint": fp, "files": files}))
+    (forged / "state.json").write_text(json.dumps({"format": FORMAT, "step": 4, "fingerprint": fp, "files": files}))
 
     with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="step-0000004 is unreadable"):
         sft.run(cfg)
@@ -223,3 +223,15 @@ def test_full_disk_anywhere_is_one_line_from_the_cli(tmp_path, tiny_path, monkey
         "error: no space left on the device; free disk space and re-run the same command (finished stages and "
         "saved checkpoints are kept)"
     ]
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(make_cfg, monkeypatch):
+    # format 2 held scalar heads with a bias and reward cursors counted in pairs: resuming it would fail deep in
+    # the weight loading (or silently resume another data order), so it is refused before anything loads
+    cfg = make_cfg("old", save_steps=2)
+    ckpts = killed_at(cfg, monkeypatch, 3)  # a checkpoint at step 2
+    state = ckpts / "step-0000002" / "state.json"
+    info = json.loads(state.read_text())
+    state.write_text(json.dumps(info | {"format": 2}))
+    with pytest.raises(UserError, match=r"step-0000002 was written by an earlier version .* format 2; .* --force"):
+        sft.run(cfg)

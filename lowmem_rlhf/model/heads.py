@@ -29,7 +29,8 @@ class ScalarHead(nn.Module):
     """hidden (..., d) in any dtype -> score (...,) in fp32: a bias-free fp32 `Linear(d, 1)`.
 
     The transformers layout (`score` of a `*ForSequenceClassification`, `v_head`-style value heads): a
-    Bradley-Terry reward is defined up to a constant, so a bias gets no gradient there, and a value
+    Bradley-Terry loss depends only on score differences, so a bias would learn nothing there (only the
+    optional centring term would move it, and the adapter can shift the scores as well), and a value
     head learns its offset through the adapter. A head saved with a `bias` (older run folders) loads
     with that bias as a fixed `offset`, so its scores are unchanged; docs/export.md says how to drop it.
     """

@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 PLAIN_FILE = "trainer_state.json"
-FORMAT = 2  # 1 was a pickled state.pt, which is never read
+# 1 was a pickled state.pt, which is never read; 2 held scalar heads with a bias and reward-model data
+# cursors counted in pairs; 3: bias-free heads, reward-model micro-batches of whole rows
+FORMAT = 3
 
 _reported: set[str] = set()  # unusable checkpoints already warned about (one line each per process)
 
@@ -147,6 +149,12 @@ class Checkpointer:
     def check(self, path: Path) -> int:
         """The step of `path`; a UserError when it was made under other settings."""
         info = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        if info.get("format") != FORMAT:
+            raise UserError(
+                f"{path} was written by an earlier version of lowmem-rlhf (checkpoint format {info.get('format')}; "
+                f"this version resumes format {FORMAT}: bias-free heads, reward batches of whole rows); re-run with "
+                "--force to start the stage over, or use another output_dir"
+            )
         if info["fingerprint"] != self.fingerprint:
             raise UserError(
                 f"{path} was made with different {self.name} settings than this recipe; re-run with --force to "
