@@ -74,9 +74,14 @@ def build_scheduler(optimizer, cfg, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def interrupted(exc: BaseException, name: str, step: int, total: int, saved: Path | None, lower: str) -> UserError:
-    """The one-line error for Ctrl-C or out-of-memory, after the last finished step was saved."""
-    where = f"progress is saved in {saved}" if saved else "no step had finished yet"
+def interrupted(
+    exc: BaseException, name: str, step: int, total: int, saved: Path | str | None, lower: str
+) -> UserError:
+    """The one-line error for Ctrl-C or out-of-memory, after the last finished step was saved.
+
+    `saved` is the checkpoint, None when no step had finished, or a sentence saying where it goes.
+    """
+    where = (f"progress is saved in {saved}" if isinstance(saved, Path) else saved) or "no step had finished yet"
     if isinstance(exc, KeyboardInterrupt):
         return UserError(f"{name} interrupted at step {step}/{total}; {where}; re-run the same command to resume")
     return UserError(f"{name} ran out of GPU memory at step {step + 1}; {where}. Lower {lower}, then re-run to resume")
@@ -293,16 +298,18 @@ class LoopRunner:
         logger.info("%s: resuming from %s (step %d of %d)", self.name, latest, start, self.total_steps)
         return start
 
-    def _save_on_exit(self, step: int, start: int, together: bool = False) -> Path | None:
+    def _save_on_exit(self, step: int, start: int, together: bool = False) -> Path | str | None:
         """The checkpoint of the last finished step when the run stops early (the newest one if none finished).
 
         Rank 0 saves; when every process stopped `together` (StoppedTogether), the others wait for that
-        save and name the checkpoint it wrote. Otherwise they name the newest one they can see.
+        save and name the checkpoint it wrote. Otherwise they cannot know whether rank 0 saved, and say so.
         """
         self.optimizer.zero_grad(set_to_none=True)
         saved = self.save_checkpoint(step) if step > start and self.dist.is_main else None
         if together:
             distributed.barrier()
+        elif not self.dist.is_main and step > start:
+            return "process 0 saves the last finished step"
         return saved or self.ckpt.latest()
 
     # ------------------------------------------------------------------ the loop
@@ -353,7 +360,8 @@ class LoopRunner:
             raise interrupted(e, self.name, step, total, saved, self.lower) from None
         except UserError as e:  # e.g. a reward function or judge failed: keep what finished, say how to go on
             saved = self._save_on_exit(step, start, together=isinstance(e, distributed.StoppedTogether))
-            where = f"progress up to step {step} is saved in {saved}" if saved else "no step had finished yet"
+            where = f"progress up to step {step} is saved in {saved}" if isinstance(saved, Path) else saved
+            where = where or "no step had finished yet"
             raise UserError(
                 f"{e} [{self.name} step {step + 1}/{total}: {where}; fix it, then re-run the same command to resume]"
             ) from None
