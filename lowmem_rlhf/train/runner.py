@@ -15,7 +15,10 @@ checkpoint and without marking the stage finished.
 Under `accelerate launch` with N processes (lowmem_rlhf/distributed.py) the runner adds the
 data-parallel plumbing once: the trainable gradients are summed over processes before each
 optimizer step, every process reseeds at each step from (seed, step, rank), and rank 0 alone writes
-metrics, samples and checkpoints. A checkpoint records N; resuming it with another N is refused.
+metrics, samples and checkpoints. A checkpoint records N; resuming it with another N (or processes
+that would resume different steps) is refused. A user error in one process's share of a step
+(`distributed.agree_sum`) and a launcher's SIGTERM stop every process at that step, and rank 0 saves
+the last finished one; a non-finite loss in any process skips the step in all of them.
 """
 
 from __future__ import annotations
