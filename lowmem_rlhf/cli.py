@@ -33,11 +33,14 @@ def _stage_module(name: str):
     return importlib.import_module(STAGE_COMMANDS[name])
 
 
-def check_run_inputs(cfg) -> None:
-    """What can be checked before a model loads: the output folder is writable, the model can be fetched."""
+def check_run_inputs(cfg, stages: list[str] | tuple[str, ...]) -> None:
+    """What can be checked before anything is written or a model loads: the output folder is writable, the
+    model can be fetched, and under a launch of N processes every global batch size of `stages` splits N ways."""
+    from lowmem_rlhf import distributed
     from lowmem_rlhf.data.hub import check_model_source
     from lowmem_rlhf.train.io import ensure_writable_dir
 
+    distributed.per_device_config(cfg, distributed.launched_world_size(), stages)
     ensure_writable_dir(cfg.output_dir, "output_dir")
     check_model_source(cfg.model.name_or_path, cfg.model.revision)
 
@@ -54,7 +57,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from lowmem_rlhf.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    check_run_inputs(cfg)
+    check_run_inputs(cfg, [args.command])
     path = _stage_module(args.command).run(cfg, force=args.force)
     report(f"{args.command}: done -> {path}")
     return 0
@@ -65,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lowmem_rlhf.stages.common import run_lock
 
     cfg = load_config(args.recipe, args.overrides)
-    check_run_inputs(cfg)
+    check_run_inputs(cfg, cfg.stages)
     with run_lock(cfg.output_dir):  # held across the stages, so no other process slips in between them
         for stage in cfg.stages:
             logging.getLogger(__name__).info("== stage %s ==", stage)

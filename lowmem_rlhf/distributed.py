@@ -50,6 +50,23 @@ def launched_world_size() -> int:
         return 1
 
 
+def timeout_s() -> float:
+    """How long a collective waits for the other processes: LOWMEM_RLHF_DIST_TIMEOUT (seconds) or the default."""
+    raw = os.environ.get("LOWMEM_RLHF_DIST_TIMEOUT")
+    if raw is None:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UserError(
+            f"LOWMEM_RLHF_DIST_TIMEOUT is {raw!r}; set it to a number of seconds (e.g. 1800), or unset it for the "
+            f"default {DEFAULT_TIMEOUT_S}"
+        )
+    return value
+
+
 @functools.cache
 def state() -> Dist:
     """This process's place in the launch; joins the process group on first use when launched with N > 1."""
@@ -57,7 +74,7 @@ def state() -> Dist:
         return Dist()
     from accelerate import PartialState
 
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LOWMEM_RLHF_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    timeout = datetime.timedelta(seconds=timeout_s())
     cpu = not torch.cuda.is_available()
     ps = PartialState(cpu=cpu, timeout=timeout, **({"backend": "gloo"} if cpu else {}))
     return Dist(rank=ps.process_index, world=ps.num_processes, local_rank=ps.local_process_index)
@@ -95,22 +112,54 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+def all_reduce_grads(params: list[torch.nn.Parameter], extra: list[float] = ()) -> list[float]:
     """Sum the trainable gradients over processes, in one flat buffer (a missing gradient counts as 0).
 
     The losses are already divided by the global step's weight, so the sum is the gradient of the
-    whole global batch, the same on every process.
+    whole global batch, the same on every process. `extra` (small counts, e.g. "my loss was not
+    finite") ride in the same buffer; their sums come back.
     """
     if not state().enabled or not params:
-        return
+        return list(extra)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = torch.cat(
+        [g.reshape(-1).float() for g in grads] + [torch.tensor(extra, dtype=torch.float32, device=grads[0].device)]
+    )
     torch.distributed.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+    return flat[offset:].tolist()
+
+
+class StoppedTogether(UserError):
+    """A user error raised in every process at once (see `agree_sum`): all of them leave the step together."""
+
+
+def agree_sum(values: list[float], error: UserError | None = None) -> list[float]:
+    """`all_reduce_sum(values)`, also telling every process whether one of them failed.
+
+    A process whose share of a step raised a user error (a reward function, a data row) still joins
+    this collective, passing the error. If any process failed, every one then raises StoppedTogether
+    with the first failing process's message, so all leave the loop together and rank 0 can save the
+    last finished step, instead of one process dying while the others wait in the next collective.
+    In a single process, `error` is simply raised.
+    """
+    d = state()
+    if not d.enabled:
+        if error is not None:
+            raise error
+        return values
+    out = all_reduce_sum([*values, *(float(r == d.rank and error is not None) for r in range(d.world))])
+    failed = [r for r, flag in enumerate(out[len(values) :]) if flag]
+    if failed:
+        messages = all_gather_object(None if error is None else str(error))
+        first = failed[0]
+        prefix = "" if first == d.rank else f"process {first}: "
+        raise StoppedTogether(prefix + messages[first]) from error
+    return out[: len(values)]
 
 
 def all_gather_object(obj: Any) -> list[Any]:
@@ -127,6 +176,11 @@ def share(n: int) -> tuple[int, int]:
     d = state()
     per = n // d.world
     return d.rank * per, (d.rank + 1) * per
+
+
+def per_device(n: int) -> int:
+    """One process's part of a global batch size n (e.g. for evaluation passes): n / N, at least 1."""
+    return max(1, n // state().world)
 
 
 def step_seed(seed: int, step: int) -> None:
@@ -146,9 +200,15 @@ def step_seed(seed: int, step: int) -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Under a launch on GPUs, each process uses its own card (`cuda:LOCAL_RANK`)."""
+    """Under a launch on GPUs, each process uses its own card (`cuda:LOCAL_RANK`); a numbered card is refused there."""
     d = state()
-    if d.enabled and device.type == "cuda" and device.index is None:
+    if d.enabled and device.type == "cuda":
+        if device.index is not None:
+            raise UserError(
+                f"model.device is {str(device)!r}, but under a launch of {d.world} processes each one takes its own "
+                "card (cuda:LOCAL_RANK); set model.device: cuda (or auto), and choose the cards with "
+                "CUDA_VISIBLE_DEVICES"
+            )
         return torch.device("cuda", d.local_rank)
     return device
 

@@ -70,6 +70,7 @@ def recipe(out: Path, stages=("sft", "rm", "dpo", "ppo")) -> Path:
             "max_length": 96,
             "logging_steps": 1,
             "save_steps": 0,
+            "precompute_ref_logprobs": True,
         },
         "ppo": {
             "dataset": "builtin:tiny/prompts.jsonl",
@@ -87,6 +88,7 @@ def recipe(out: Path, stages=("sft", "rm", "dpo", "ppo")) -> Path:
             "save_steps": 0,
             "eval_samples": 0,
             "sample_log_steps": 1,
+            "ptx_coef": 0.5,
         },
     }
     path = out.with_suffix(".yaml")
@@ -128,7 +130,8 @@ def relative_difference(a: dict, b: dict, prefix: str = "") -> float:
 def runs(tmp_path_factory, tiny_path):
     root = tmp_path_factory.mktemp("dist")
     for name, n in (("one", 1), ("two", 2)):
-        proc = launch(n, "run", str(recipe(root / name)))
+        # a NaN policy loss in one process only (the last one) at the second PPO iteration: every process skips it
+        proc = launch(n, "run", str(recipe(root / name)), DIST_TEST_NAN_PPO=f"{n - 1}:1")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("run finished:") == 1 and proc.stdout.count("sft: done ->") == 1  # rank 0 reports
     return root
@@ -147,8 +150,13 @@ def test_two_processes_train_the_adapters_one_process_trains(runs):
         ra = [json.loads(x) for x in (one / stage / "metrics.jsonl").read_text().splitlines()]
         rb = [json.loads(x) for x in (two / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rb] == list(range(1, steps + 1))
-        key = "reward" if stage == "ppo" else "loss"
-        assert [r[key] for r in rb] == pytest.approx([r[key] for r in ra], rel=1e-5, abs=1e-6)
+        keys = ("reward", "ptx_loss") if stage == "ppo" else ("loss",)
+        for key in keys:
+            assert [r[key] for r in rb] == pytest.approx([r[key] for r in ra], rel=1e-5, abs=1e-6)
+    # PPO-ptx: each process ran its half of the SFT rows; the logged loss is the whole batch's
+    assert all(r["ptx_loss"] > 0 for r in rb)
+    # the step with a NaN loss in one process was skipped by every process, as by the one process
+    assert [r["skipped_steps"] for r in rb] == [r["skipped_steps"] for r in ra] == [0, 1]
     # RL: every process's rollout is gathered for the metrics and the sample table
     assert (two / "ppo" / "samples.jsonl").read_text() == (one / "ppo" / "samples.jsonl").read_text()
     assert len((two / "ppo" / "samples.jsonl").read_text().splitlines()) == 2 * 8
@@ -157,10 +165,14 @@ def test_two_processes_train_the_adapters_one_process_trains(runs):
 def test_two_processes_resume_bit_exactly_and_refuse_another_process_count(runs, tmp_path):
     out = tmp_path / "run"
     path = str(recipe(out, stages=("sft",)))
-    killed = launch(2, "sft", path, DIST_TEST_INTERRUPT_AT="2")
+    killed = launch(2, "sft", path, DIST_TEST_INTERRUPT_AT="2")  # SIGTERM, as a launcher sends on Ctrl-C
     assert killed.returncode != 0
     saved = out / "sft" / "checkpoints" / "step-0000002"
     assert f"error: sft interrupted at step 2/3; progress is saved in {saved}" in killed.stderr
+    # a process that does not see the checkpoints (another node without the shared filesystem) is refused
+    apart = launch(2, "sft", path, DIST_TEST_HIDE_CHECKPOINTS="1")
+    assert apart.returncode != 0
+    assert "sft: the processes would resume from different steps (2, 0, by rank)" in apart.stderr
     refused = launch(1, "sft", path)
     assert refused.returncode == 2
     assert "was saved by 2 process(es) but this run has 1; resume with 2" in refused.stderr
@@ -171,10 +183,17 @@ def test_two_processes_resume_bit_exactly_and_refuse_another_process_count(runs,
     assert all(torch.equal(a[k], b[k]) for k in a)  # N/2 + kill + resume + N/2 == N, bit for bit
 
 
-def test_a_failing_process_stops_the_launch_with_its_error(tmp_path):
-    proc = launch(2, "sft", str(recipe(tmp_path / "run", stages=("sft",))), timeout=150, DIST_TEST_FAIL="1:1")
+def test_a_failing_process_stops_every_process_and_rank_0_saves_the_last_step(tmp_path):
+    path = recipe(tmp_path / "run", stages=("sft",))
+    path.write_text(path.read_text().replace("save_steps: 1", "save_steps: 0"))
+    proc = launch(2, "sft", str(path), timeout=150, DIST_TEST_FAIL="1:1")  # a data error in process 1 at step 2
     assert proc.returncode != 0
-    assert "error: a reward function failed in process 1 (test) [sft step 2/3" in proc.stderr
+    saved = tmp_path / "run" / "sft" / "checkpoints" / "step-0000001"
+    assert saved.is_dir()
+    tail = f"[sft step 2/3: progress up to step 1 is saved in {saved}; fix it, then re-run the same command to resume]"
+    lines = proc.stderr.splitlines()
+    assert f"error: process 1: a data row failed in process 1 (test) {tail}" in lines  # rank 0
+    assert f"error: a data row failed in process 1 (test) {tail}" in lines  # rank 1 names the same folder
 
 
 def test_global_sizes_must_split_evenly_and_are_divided_per_device(tmp_path):
@@ -199,3 +218,50 @@ def test_estimate_reports_per_device_memory_for_n_processes(tmp_path, capsys):
     key = next(k for k in one if k.endswith("batch_size"))
     assert (one[key], two[key], reports[2]["num_processes"]) == (4, 2, 2)
     assert two["allocated_bytes"] < one["allocated_bytes"]
+
+
+def test_a_launch_is_checked_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from lowmem_rlhf.cli import main
+
+    path = recipe(tmp_path / "run")
+    path.write_text(path.read_text().replace("micro_batch_size: 4", "micro_batch_size: 1"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under a launcher; the check needs no process group
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: recipe: `ppo.micro_batch_size` (1) is a global size that 2 processes must split")
+    assert not (tmp_path / "run").exists()  # refused before SFT (the first stage) wrote or trained anything
+
+
+def test_a_numbered_card_is_refused_under_a_launch(monkeypatch):
+    from lowmem_rlhf import distributed
+
+    monkeypatch.setattr(distributed, "state", lambda: distributed.Dist(rank=1, world=2, local_rank=1))
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(UserError, match=r"^model.device is 'cuda:0', but under a launch of 2 processes each one"):
+        distributed.local_device(torch.device("cuda", 0))
+
+
+def test_a_bad_collective_timeout_is_one_line(monkeypatch):
+    from lowmem_rlhf import distributed
+
+    monkeypatch.setenv("LOWMEM_RLHF_DIST_TIMEOUT", "30m")
+    with pytest.raises(UserError, match=r"^LOWMEM_RLHF_DIST_TIMEOUT is '30m'; set it to a number of seconds"):
+        distributed.timeout_s()
+    monkeypatch.setenv("LOWMEM_RLHF_DIST_TIMEOUT", "90")
+    assert distributed.timeout_s() == 90.0
+
+
+def test_ptx_rows_are_split_between_processes(tmp_path, monkeypatch):
+    from lowmem_rlhf import distributed
+    from lowmem_rlhf.model.loading import load_tokenizer
+    from lowmem_rlhf.stages.ppo import _ptx_source
+
+    cfg = config_from_dict(yaml.safe_load(recipe(tmp_path / "run").read_text()))
+    tokenizer = load_tokenizer(cfg.model)
+    whole = _ptx_source(cfg, tokenizer)(5)
+    monkeypatch.setattr(distributed, "state", lambda: distributed.Dist(rank=1, world=2, local_rank=1))
+    half = _ptx_source(cfg, tokenizer)(5)
+    assert whole["input_ids"].shape[0] == 4 and half["input_ids"].shape[0] == 2
+    width = int(half["attention_mask"].sum(1).max())  # the same rows, padded to their own longest
+    assert torch.equal(half["input_ids"][:, :width], whole["input_ids"][2:, :width])

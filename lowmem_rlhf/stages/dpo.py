@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import DPOConfig, RecipeConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples
@@ -90,22 +91,32 @@ def _collate(examples: list[PairExample], pad_id: int, device, ref: dict[int, to
 
 @torch.no_grad()
 def reference_logprobs(bank: AdapterBank, examples: list[PairExample], pad_id: int, bs: int, chunk: int) -> dict:
-    """{id(example): tensor([ref logp chosen, ref logp rejected])}, computed once."""
-    out = {}
+    """{id(example): tensor([ref logp chosen, ref logp rejected])}, computed once.
+
+    `bs` is one process's batch size; under N processes each computes 1/N of the examples and every
+    process gets all of them.
+    """
+    d = distributed.state()
+    per = -(-len(examples) // d.world)
+    first = min(d.rank * per, len(examples))
+    mine = examples[first : first + per]
+    pairs = []
     with bank.use("reference") as m:
-        for i in range(0, len(examples), bs):
-            chunk_ex = examples[i : i + bs]
+        for i in range(0, len(mine), bs):
+            chunk_ex = mine[i : i + bs]
             lp = sequence_logprobs(m, _collate(chunk_ex, pad_id, bank.device, None), chunk).cpu()
-            for j, e in enumerate(chunk_ex):
-                out[id(e)] = torch.stack([lp[j], lp[len(chunk_ex) + j]])
-    return out
+            pairs += [torch.stack([lp[j], lp[len(chunk_ex) + j]]) for j in range(len(chunk_ex))]
+    if d.enabled:
+        pairs = [p for part in distributed.all_gather_object(pairs) for p in part]
+    return {id(e): p for e, p in zip(examples, pairs, strict=True)}
 
 
 @torch.no_grad()
 def evaluate_dpo(bank: AdapterBank, examples: list[PairExample], pad_id: int, dc: DPOConfig, chunk: int) -> dict:
     sums, total = {}, 0.0
-    for i in range(0, len(examples), dc.batch_size):
-        batch = _collate(examples[i : i + dc.batch_size], pad_id, bank.device, None)
+    bs = distributed.per_device(dc.batch_size)  # every process evaluates the whole set, at its own batch size
+    for i in range(0, len(examples), bs):
+        batch = _collate(examples[i : i + bs], pad_id, bank.device, None)
         with bank.use("policy") as m:
             loss, metrics = dpo_loss_sum(bank, m, batch, dc, chunk)
         total += float(batch["weights"].sum())
@@ -157,7 +168,8 @@ def train_dpo(
     policy's KL to the reference (`sample_kl`), so the KL can be followed over training.
     """
     bank.disable_dropout()
-    ref = reference_logprobs(bank, train, pad_id, dc.batch_size, chunk) if dc.precompute_ref_logprobs else None
+    bs = distributed.per_device(dc.batch_size)
+    ref = reference_logprobs(bank, train, pad_id, bs, chunk) if dc.precompute_ref_logprobs else None
 
     def evaluate(bank: AdapterBank) -> dict:
         out = evaluate_dpo(bank, evals, pad_id, dc, chunk) if evals else {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import PPOConfig, RecipeConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.formats import load_rows
@@ -229,11 +230,12 @@ def _ptx_source(cfg: RecipeConfig, tokenizer):
         raise UserError("ppo.ptx_coef > 0 needs SFT data: set ppo.ptx_dataset (or sft.dataset)")
     rows, name = load_rows(source, cfg.sft.dataset_split)
     examples, _ = tokenize_sft(rows, tokenizer, cfg.sft.max_length, name)
-    bs = cfg.ppo.micro_batch_size
+    bs = cfg.ppo.micro_batch_size  # global: under N processes each one takes its 1/N of the rows
+    first, end = distributed.share(bs)
 
     def batch(k: int) -> dict:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + k)
-        idx = torch.randint(len(examples), (bs,), generator=g).tolist()
+        idx = torch.randint(len(examples), (bs,), generator=g).tolist()[first:end]
         return collate_sft([examples[i] for i in idx], tokenizer.pad_token_id)
 
     return batch

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import RecipeConfig, RewardConfig
 from lowmem_rlhf.data.preference import GroupExample, collate_groups, load_group_examples, pad_sequences
 from lowmem_rlhf.errors import UserError
@@ -118,7 +119,7 @@ def train_reward(
         return {k: v.to(device) for k, v in collate_groups(examples, pad_id).items()}
 
     def eval_fn(bank: AdapterBank) -> dict:
-        return evaluate_pairs(bank, role, evals, pad_id, rc.batch_size)
+        return evaluate_pairs(bank, role, evals, pad_id, distributed.per_device(rc.batch_size))
 
     loop = TrainLoop(
         name="rm",
@@ -180,7 +181,9 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
 
     result, diagnostics = train_reward(bank, rc, stage_dir, train, evals, tokenizer.pad_token_id, cfg.seed, settings)
     bank.save_role(ROLE, stage_dir)
-    stats = reward_stats(bank, ROLE, train, tokenizer.pad_token_id, rc.batch_size, rc.stats_samples)
+    stats = reward_stats(
+        bank, ROLE, train, tokenizer.pad_token_id, distributed.per_device(rc.batch_size), rc.stats_samples
+    )
     atomic_write_json(stage_dir / STATS_FILE, stats)
     atomic_write_json(stage_dir / "diagnostics.json", diagnostics)
     manifest.mark_finished(

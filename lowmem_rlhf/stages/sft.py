@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_rlhf import distributed
 from lowmem_rlhf.config import RecipeConfig
 from lowmem_rlhf.data.formats import load_rows
 from lowmem_rlhf.data.sft import collate_sft, tokenize_sft
@@ -63,11 +64,13 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
     def collate(examples):
         return {k: v.to(device) for k, v in collate_sft(examples, pad).items()}
 
+    eval_bs = distributed.per_device(sc.batch_size)  # every process evaluates the whole set, at its own batch size
+
     def eval_fn(bank: AdapterBank) -> dict[str, float]:
         total, count = 0.0, 0
         with torch.no_grad(), bank.use(ROLE) as m:
-            for i in range(0, len(evals), sc.batch_size):
-                batch = collate(evals[i : i + sc.batch_size])
+            for i in range(0, len(evals), eval_bs):
+                batch = collate(evals[i : i + eval_bs])
                 loss, _ = sft_loss_sum(m, batch, chunk)
                 total += float(loss)
                 count += int(batch["response_mask"][:, 1:].sum())

@@ -26,6 +26,7 @@ import torch
 
 from lowmem_rlhf import distributed
 from lowmem_rlhf.config import TrainingConfig
+from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.train.runner import (  # noqa: F401  re-exported: the stages and benchmarks import them from here
     LoopResult,
@@ -132,8 +133,13 @@ class TrainLoop(LoopRunner):
         micro-batch's graph is alive at a time.
         """
         accum = self.cfg.gradient_accumulation_steps
-        batches = [self.micro_batch(step * accum + k) for k in range(accum)]
-        total = max(distributed.all_reduce_sum([sum(self.weight_fn(b) for b in batches if b is not None)])[0], 1e-8)
+        error, weight = None, 0.0
+        try:  # a data error in one process stops every process in the step's first collective
+            batches = [self.micro_batch(step * accum + k) for k in range(accum)]
+            weight = sum(self.weight_fn(b) for b in batches if b is not None)
+        except UserError as e:
+            error = e
+        total = max(distributed.agree_sum([weight], error)[0], 1e-8)
         loss_total, sums = 0.0, {}
         with self.bank.use(self.role, train=True) as model:
             for batch in batches:

@@ -34,6 +34,7 @@ from lowmem_rlhf import distributed
 from lowmem_rlhf.config import PPOConfig
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.data.preference import pad_sequences
+from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimators import ESTIMATORS, AdvantageInputs
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import hidden_states, output_head
@@ -268,7 +269,13 @@ class PPOTrainer(LoopRunner):
     def _call_fns(self, fns: list[RewardFunction], index: list[int], response_ids: list[list[int]]) -> dict:
         """{name: one score or None per sample} of `fns` on these responses (decoded as in samples.jsonl)."""
         texts = [self.tok.decode(r, skip_special_tokens=True).strip() for r in response_ids]
-        return score_samples(fns, self.prompt_texts, self.columns, index, texts, response_ids, self.source)
+        error, scores = None, {}
+        try:
+            scores = score_samples(fns, self.prompt_texts, self.columns, index, texts, response_ids, self.source)
+        except UserError as e:  # a function failed in this process: every process stops here together
+            error = e
+        distributed.agree_sum([], error)
+        return scores
 
     def _fn_total(self, per_fn: dict[str, list[float | None]], device) -> torch.Tensor | None:
         """Σ_i w_i f_i per sample, None counting 0; None without reward functions."""
@@ -541,16 +548,22 @@ class PPOTrainer(LoopRunner):
         return stats
 
     def _ptx_step(self, k: int) -> float:
-        """PPO-ptx: the SFT loss of the k-th SFT batch, scaled by ptx_coef, added to this minibatch's gradient."""
+        """PPO-ptx: the SFT loss of the k-th SFT batch, scaled by ptx_coef, added to this minibatch's gradient.
+
+        Under N processes `ptx_batches` gives this process's 1/N of the batch's rows; the sum of the
+        processes' gradients is then the whole batch's.
+        """
         batch = {key: v.to(self.bank.device) for key, v in self.ptx_batches(k).items()}
-        tokens = batch["response_mask"][:, 1:].sum().clamp(min=1)
+        tokens = batch["response_mask"][:, 1:].sum()
+        if self.dist.enabled:  # this process holds its share of the batch's rows; the mean is over all its tokens
+            tokens = tokens.new_tensor(distributed.all_reduce_sum([float(tokens)])[0])
+        tokens = tokens.clamp(min=1)
         with self.bank.use("policy", train=True) as m:
             loss_sum, _ = sft_loss_sum(m, batch, self.chunk)
             loss = loss_sum / tokens
-            # under N processes every one adds this batch's gradient / N: their sum is one batch's gradient
-            scale = self.pc.ptx_coef / self.dist.world if self.dist.enabled else self.pc.ptx_coef
-            (scale * loss).backward()
-        return loss.item()
+            (self.pc.ptx_coef * loss).backward()
+        # this process's part of the batch's mean loss; x N, so the mean over processes is the whole batch's
+        return loss.item() * self.dist.world
 
     # ------------------------------------------------------------------ logging and the loop
 

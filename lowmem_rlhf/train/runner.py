@@ -15,15 +15,22 @@ checkpoint and without marking the stage finished.
 Under `accelerate launch` with N processes (lowmem_rlhf/distributed.py) the runner adds the
 data-parallel plumbing once: the trainable gradients are summed over processes before each
 optimizer step, every process reseeds at each step from (seed, step, rank), and rank 0 alone writes
-metrics, samples and checkpoints. A checkpoint records N; resuming it with another N is refused.
+metrics, samples and checkpoints. A checkpoint records N; resuming it with another N (or processes
+that would resume different steps) is refused. A user error in one process's share of a step
+(`distributed.agree_sum`) and a launcher's SIGTERM stop every process at that step, and rank 0 saves
+the last finished one; a non-finite loss in any process skips the step in all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,12 +77,39 @@ def build_scheduler(optimizer, cfg, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def interrupted(exc: BaseException, name: str, step: int, total: int, saved: Path | None, lower: str) -> UserError:
-    """The one-line error for Ctrl-C or out-of-memory, after the last finished step was saved."""
-    where = f"progress is saved in {saved}" if saved else "no step had finished yet"
+def interrupted(
+    exc: BaseException, name: str, step: int, total: int, saved: Path | str | None, lower: str
+) -> UserError:
+    """The one-line error for Ctrl-C or out-of-memory, after the last finished step was saved.
+
+    `saved` is the checkpoint, None when no step had finished, or a sentence saying where it goes.
+    """
+    where = (f"progress is saved in {saved}" if isinstance(saved, Path) else saved) or "no step had finished yet"
     if isinstance(exc, KeyboardInterrupt):
         return UserError(f"{name} interrupted at step {step}/{total}; {where}; re-run the same command to resume")
     return UserError(f"{name} ran out of GPU memory at step {step + 1}; {where}. Lower {lower}, then re-run to resume")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (the Ctrl-C save path) while the loop runs, in the main thread.
+
+    On Ctrl-C a launcher (torchrun, accelerate launch) sends its workers SIGTERM, whose default ends a
+    process at once; this way rank 0 saves the last finished step first, unless the signal finds it
+    waiting in a collective for a process that already left (docs/distributed.md).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -197,17 +231,19 @@ class LoopRunner:
 
         Returns the gradient norm before clipping.
         """
-        distributed.all_reduce_grads(self.params)
+        # under N processes every one must skip or step together: a local non-finite loss counts everywhere
+        (not_finite,) = distributed.all_reduce_grads(self.params, [float(not losses_finite)])
         norm = grad_norm_(self.params, self.cfg.max_grad_norm)
-        finite = losses_finite and math.isfinite(norm)
+        finite = not not_finite and math.isfinite(norm)
         step_or_skip(self.optimizer, self.scheduler, finite)
         self.skipped_steps += not finite
         self.skips_in_a_row = 0 if finite else self.skips_in_a_row + 1
         return norm
 
-    def save_checkpoint(self, step: int) -> Path:
-        if not self.dist.is_main:  # every process holds the same weights and optimizer state; rank 0 saves them
-            return self.ckpt.root / f"step-{step:07d}"
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Rank 0 saves (every process holds the same weights and optimizer state); the others return None."""
+        if not self.dist.is_main:
+            return None
         world = {"world_size": self.dist.world} if self.dist.enabled else {}
         return self.ckpt.save(
             step,
@@ -225,7 +261,27 @@ class LoopRunner:
         )
 
     def resume(self) -> int:
-        """Load the newest usable checkpoint, if any; returns the step to continue from."""
+        """Load the newest usable checkpoint, if any; returns the step to continue from.
+
+        Under N processes every one must resume the same step: each reads the checkpoints itself, so
+        they must see the same folder (one node, or a shared filesystem across nodes).
+        """
+        error, start = None, 0
+        try:
+            start = self._resume()
+        except UserError as e:
+            error = e
+        distributed.agree_sum([], error)
+        starts = distributed.all_gather_object(start)
+        if len(set(starts)) > 1:
+            raise UserError(
+                f"{self.name}: the processes would resume from different steps ({', '.join(map(str, starts))}, by "
+                f"rank): they do not see the same {self.ckpt.root}; run every process on one node or put output_dir "
+                "on a filesystem all nodes share"
+            )
+        return start
+
+    def _resume(self) -> int:
         latest = self.ckpt.latest()
         if latest is None:
             return 0
@@ -245,10 +301,19 @@ class LoopRunner:
         logger.info("%s: resuming from %s (step %d of %d)", self.name, latest, start, self.total_steps)
         return start
 
-    def _save_on_exit(self, step: int, start: int) -> Path | None:
-        """The checkpoint of the last finished step when the run stops early (the newest one if none finished)."""
+    def _save_on_exit(self, step: int, start: int, together: bool = False) -> Path | str | None:
+        """The checkpoint of the last finished step when the run stops early (the newest one if none finished).
+
+        Rank 0 saves; when every process stopped `together` (StoppedTogether), the others wait for that
+        save and name the checkpoint it wrote. Otherwise they cannot know whether rank 0 saved, and say so.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        return self.save_checkpoint(step) if step > start else self.ckpt.latest()
+        saved = self.save_checkpoint(step) if step > start and self.dist.is_main else None
+        if together:
+            distributed.barrier()
+        elif not self.dist.is_main and step > start:
+            return "process 0 saves the last finished step"
+        return saved or self.ckpt.latest()
 
     # ------------------------------------------------------------------ the loop
 
@@ -265,9 +330,12 @@ class LoopRunner:
                 truncate_jsonl(self.stage_dir / name, start)
         step, last = start, {}
         stopped = False
+        stack = contextlib.ExitStack()
         quiet = None if main else True  # None: tqdm decides (off when not a terminal); only rank 0 shows one
         bar = tqdm(total=total, initial=start, desc=self.desc, unit=self.unit, dynamic_ncols=True, disable=quiet)
         try:
+            if self.dist.enabled:
+                stack.enter_context(sigterm_as_interrupt())
             while step < total:
                 distributed.step_seed(self.seed, step)
                 metrics = self._step(step)
@@ -294,12 +362,14 @@ class LoopRunner:
             saved = self._save_on_exit(step, start)
             raise interrupted(e, self.name, step, total, saved, self.lower) from None
         except UserError as e:  # e.g. a reward function or judge failed: keep what finished, say how to go on
-            saved = self._save_on_exit(step, start)
-            where = f"progress up to step {step} is saved in {saved}" if saved else "no step had finished yet"
+            saved = self._save_on_exit(step, start, together=isinstance(e, distributed.StoppedTogether))
+            where = f"progress up to step {step} is saved in {saved}" if isinstance(saved, Path) else saved
+            where = where or "no step had finished yet"
             raise UserError(
                 f"{e} [{self.name} step {step + 1}/{total}: {where}; fix it, then re-run the same command to resume]"
             ) from None
         finally:
+            stack.close()
             bar.close()
             if log is not None:
                 log.close()
