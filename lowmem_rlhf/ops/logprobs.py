@@ -4,8 +4,8 @@ With a 128k vocabulary the full fp32 logits of a 16 x 512 batch take 4 GiB: more
 weights of an 8B model. We project hidden states to logits one chunk of positions at a time, in fp32,
 and keep only the (b, t) log-probs. A chunk holds `chunk_size` tokens counted over the whole batch
 (chunk_size // b positions of every row), so its logits take chunk_size x vocab x 4 bytes whatever
-the batch size. When gradients are needed each chunk is checkpointed, so the backward pass also
-holds one chunk of logits at a time. The same chunks give the entropy of the whole next-token
+the batch size. The backward pass recomputes one chunk's logits at a time, and turns them into their
+gradient in place (`_ChunkLogprobs`). The same chunks give the entropy of the whole next-token
 distribution (PPO's entropy bonus) for the price of one softmax per chunk.
 """
 
@@ -17,43 +17,127 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(z, -1) computed as torch computes it (max, exp of the shifted values, sum, log, max
+    added back), but overwriting z with exp(z - max) instead of allocating a copy of it."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0)
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
+def _reuses_output(head: Callable) -> bool:
+    """Whether the head's output storage may be overwritten after its graph is built: a linear layer's
+    backward keeps its input and weight, never its output (a soft-capped head's tanh keeps its output)."""
+    return isinstance(head, torch.nn.Linear)
+
+
+class _ChunkLogprobs(torch.autograd.Function):
+    """(log p(targets), entropy) of one chunk, with one fp32 chunk-sized tensor alive at a time.
+
+    Autograd through `logits.float() / T`, gather and logsumexp keeps four fp32 (c, v) tensors alive at the
+    backward (the logits, exp(z - lse), the gather's scattered gradient and their sum): 16 bytes per logit.
+    Here the forward keeps nothing of size v (the hidden chunk and the (c,) logsumexp are saved), and the
+    backward recomputes the logits into one fp32 buffer and turns it into the gradient in place:
+    d(z_y - lse)/dz = onehot(y) - softmax(z). With a bf16 linear head the bf16 logits' storage then takes
+    the bf16 gradient, so 6 bytes per logit are alive at most (4 with an fp32 head). Every operation is the
+    one autograd would run, on the same values and in the same order, so the values and gradients are
+    those of the plain expression to the bit. The entropy, when asked for, is returned without a graph.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, temperature: float, with_entropy: bool):
+        z = head(hidden).float()  # a bf16 head's output is freed here: only the fp32 copy stays
+        if temperature != 1.0:
+            z.div_(temperature)
+        picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        inner = None
+        if with_entropy:  # H = logsumexp(z) - sum_v softmax(z)_v z_v
+            inner = (torch.softmax(z, dim=-1).unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        lse = _logsumexp_(z)
+        del z
+        ctx.save_for_backward(hidden, targets, lse)
+        ctx.head, ctx.temperature = head, temperature
+        entropy = lse - inner if with_entropy else lse.new_empty(0)
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad, _grad_entropy):
+        hidden, targets, lse = ctx.saved_tensors
+        head, temperature = ctx.head, ctx.temperature
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
+            out = head(h)
+        z = out.detach().float()
+        if z.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and not _reuses_output(head):
+            z = z.clone()
+        if temperature != 1.0:
+            z.div_(temperature)
+        # z -> grad * (onehot(y) - softmax(z)), as autograd sums the gather's and the logsumexp's terms
+        z.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        z.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        if temperature != 1.0:
+            z.div_(temperature)
+        if z.dtype == out.dtype:
+            grad_out = z
+        elif _reuses_output(head):
+            grad_out = out.detach().copy_(z)
+        else:
+            grad_out = z.to(out.dtype)
+        del z
+        # accumulates into the head's own trainable leaves as well, as a re-entrant checkpoint does
+        torch.autograd.backward(out, grad_out)
+        return h.grad if ctx.needs_input_grad[0] else None, None, None, None, None
+
+
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Callable, temperature: float) -> torch.Tensor:
-    logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _ChunkLogprobs.apply(hidden, targets, head, temperature, False)[0]
 
 
-def _chunk_logprobs_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, head: Callable, temperature: float, entropy_grad: bool
+def _chunk_logprobs_logged_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Callable, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ChunkLogprobs.apply(hidden, targets, head, temperature, True)
+
+
+def _chunk_logprobs_trained_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Callable, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy both with a graph (an entropy bonus), by plain autograd: checkpoint it."""
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     lse = torch.logsumexp(logits, dim=-1)
-    # H = logsumexp(z) - sum_v softmax(z)_v z_v; without a graph when only logged, so that the backward
-    # pass keeps no extra (c, v) tensor
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        probs = torch.softmax(logits, dim=-1)
-        entropy = lse - (probs.unsqueeze(-2) @ logits.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = lse - (probs.unsqueeze(-2) @ logits.unsqueeze(-1)).squeeze(-1).squeeze(-1)
     return picked - lse, entropy
 
 
-def _over_chunks(fn: Callable, hidden: torch.Tensor, head: Callable, targets: torch.Tensor, chunk_size: int, *args):
-    """fn(hidden chunk, targets chunk, head, *args) over chunks of positions, checkpointed when gradients flow."""
+def _over_chunks(
+    fn: Callable,
+    hidden: torch.Tensor,
+    head: Callable,
+    targets: torch.Tensor,
+    chunk_size: int,
+    *args,
+    checkpointed: bool = False,
+):
+    """fn(hidden chunk, targets chunk, head, *args) over chunks of positions; `checkpointed`: fn is plain
+    autograd, checkpointed when gradients flow (the others recompute their logits in their own backward)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in getattr(head, "parameters", lambda: [])())
+    checkpointed = (
+        checkpointed
+        and torch.is_grad_enabled()
+        and (hidden.requires_grad or any(p.requires_grad for p in getattr(head, "parameters", lambda: [])()))
     )
     out = []
     positions = max(1, chunk_size // max(hidden.shape[0], 1))
     for start in range(0, hidden.shape[1], positions):
         h = hidden[:, start : start + positions]
         y = targets[:, start : start + positions]
-        if needs_grad:
+        if checkpointed:
             out.append(checkpoint(fn, h, y, head, *args, use_reentrant=False))
         else:
             out.append(fn(h, y, head, *args))
@@ -91,5 +175,10 @@ def chunked_logprobs_entropy(
     gradient an entropy bonus needs (the sampled token's -log p has zero expected gradient on-policy).
     `entropy_grad=False` returns it without a graph (for logging), at no extra backward memory.
     """
-    chunks = _over_chunks(_chunk_logprobs_entropy, hidden, head, targets, chunk_size, temperature, entropy_grad)
+    if entropy_grad:
+        chunks = _over_chunks(
+            _chunk_logprobs_trained_entropy, hidden, head, targets, chunk_size, temperature, checkpointed=True
+        )
+    else:
+        chunks = _over_chunks(_chunk_logprobs_logged_entropy, hidden, head, targets, chunk_size, temperature)
     return torch.cat([lp for lp, _ in chunks], dim=1), torch.cat([h for _, h in chunks], dim=1)
