@@ -25,6 +25,15 @@ def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
     return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
+def _softmax_dot(z: torch.Tensor, pieces: int = 8) -> torch.Tensor:
+    """sum_v softmax(z)_v z_v over the last dim, the softmax made for 1/`pieces` of the rows at a time: each
+    row's values are those of the whole-tensor expression, with an eighth of a chunk alive instead of a chunk."""
+    rows = z.reshape(-1, z.shape[-1])
+    step = max(1, -(-rows.shape[0] // pieces))
+    out = [(torch.softmax(r, dim=-1).unsqueeze(-2) @ r.unsqueeze(-1)).squeeze(-1).squeeze(-1) for r in rows.split(step)]
+    return torch.cat(out).reshape(z.shape[:-1])
+
+
 def _reuses_output(head: Callable) -> bool:
     """Whether the head's output storage may be overwritten after its graph is built: a linear layer's
     backward keeps its input and weight, never its output (a soft-capped head's tanh keeps its output)."""
@@ -50,9 +59,7 @@ class _ChunkLogprobs(torch.autograd.Function):
         if temperature != 1.0:
             z.div_(temperature)
         picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        inner = None
-        if with_entropy:  # H = logsumexp(z) - sum_v softmax(z)_v z_v
-            inner = (torch.softmax(z, dim=-1).unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        inner = _softmax_dot(z) if with_entropy else None
         lse = _logsumexp_(z)
         del z
         ctx.save_for_backward(hidden, targets, lse)
@@ -69,7 +76,7 @@ class _ChunkLogprobs(torch.autograd.Function):
             h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
             out = head(h)
         z = out.detach().float()
-        if z.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and not _reuses_output(head):
+        if z.dtype == out.dtype and not _reuses_output(head):  # `.float()` returned the head's own output
             z = z.clone()
         if temperature != 1.0:
             z.div_(temperature)
