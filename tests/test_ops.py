@@ -33,7 +33,9 @@ def test_chunked_logprobs_chunk_counts_tokens_over_the_batch():
     seen = []
 
     def head(h):
-        seen.append(h.shape[0] * h.shape[1])
+        # the chunk's rows as one (tokens, d) matrix: one plain matrix product on every device
+        assert h.dim() == 2 and h.stride(-1) == 1
+        seen.append(h.shape[0])
         return h @ weight.T
 
     got = chunked_logprobs(hidden, head, targets, 7)
@@ -124,8 +126,9 @@ def test_entropy_for_logging_only_has_no_graph_and_leaves_logprob_gradients_alon
 
 
 def _plain(hidden, head, targets, temperature=1.0, entropy=False):
-    """The log-prob expression autograd differentiates by itself: four fp32 (t, v) tensors at its backward."""
-    logits = head(hidden).float()
+    """The log-prob expression autograd differentiates by itself: four fp32 (t, v) tensors at its backward.
+    The head runs on the chunk's rows as one matrix, as chunked_logprobs runs it."""
+    logits = head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1).float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)

@@ -34,6 +34,19 @@ def _softmax_dot(z: torch.Tensor, pieces: int = 8) -> torch.Tensor:
     return torch.cat(out).reshape(z.shape[:-1])
 
 
+def _head_rows(head: Callable, hidden: torch.Tensor) -> torch.Tensor:
+    """head(hidden) for a (b, c, d) chunk, computed on its (b * c, d) rows: one plain matrix product.
+
+    A chunk of positions sliced out of (b, t, d) states is not contiguous, and torch.matmul cannot fold such a
+    view into one matrix: it multiplies it batch by batch against the head weight expanded to (b, d, v) with a
+    zero batch stride, which oneDNN (the CPU's bf16 matmul) first copies: the whole head weight (272 MB for a
+    152k x 896 head) for every chunk. The rows are copied instead (c x d values, none when b = 1); every logit
+    is the same product of the same values. (A view whose rows are evenly spaced, as one position of each row
+    is, stays a view: a matrix product reads rows at any spacing.)
+    """
+    return head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+
+
 def _reuses_output(head: Callable) -> bool:
     """Whether the head's output storage may be overwritten after its graph is built: a linear layer's
     backward keeps its input and weight, never its output (a soft-capped head's tanh keeps its output)."""
@@ -55,7 +68,7 @@ class _ChunkLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, head, temperature: float, with_entropy: bool):
-        z = head(hidden).float()  # a bf16 head's output is freed here: only the fp32 copy stays
+        z = _head_rows(head, hidden).float()  # a bf16 head's output is freed here: only the fp32 copy stays
         if temperature != 1.0:
             z.div_(temperature)
         picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -74,7 +87,7 @@ class _ChunkLogprobs(torch.autograd.Function):
         head, temperature = ctx.head, ctx.temperature
         with torch.enable_grad():
             h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
-            out = head(h)
+            out = _head_rows(head, h)
         z = out.detach().float()
         if z.dtype == out.dtype and not _reuses_output(head):  # `.float()` returned the head's own output
             z = z.clone()
@@ -111,7 +124,7 @@ def _chunk_logprobs_trained_entropy(
     hidden: torch.Tensor, targets: torch.Tensor, head: Callable, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy both with a graph (an entropy bonus), by plain autograd: checkpoint it."""
-    logits = head(hidden).float()
+    logits = _head_rows(head, hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -161,8 +174,8 @@ def chunked_logprobs(
     """log p(targets) under softmax(head(hidden) / temperature), computed chunk by chunk.
 
     hidden: (b, t, d) states whose next token is `targets`; targets: (b, t) token ids;
-    head: maps (b, c, d) -> (b, c, v) (the model's lm_head); chunk_size: tokens per chunk over the
-    whole batch (at least one position per chunk). Returns (b, t) fp32 log-probs.
+    head: maps (n, d) -> (n, v) (the model's lm_head, given a chunk's b x c rows at once); chunk_size: tokens
+    per chunk over the whole batch (at least one position per chunk). Returns (b, t) fp32 log-probs.
     """
     return torch.cat(_over_chunks(_chunk_logprobs, hidden, head, targets, chunk_size, temperature), dim=1)
 
