@@ -111,16 +111,16 @@ def test_layer_extrapolation_equals_the_full_trace(sft_8b):
 
 def test_8b_ppo_iteration_budget():
     """One PPO iteration, 4 roles, rollout 16 x (256 + 256), micro-batch 4, AdamW, log-prob chunks of 1024
-    tokens: 7.845 GiB traced (budget 8.08)."""
-    traced = 8_423_015_424
+    tokens: 7.812 GiB traced (budget 8.05), in the update's backward through the last recomputed layer."""
+    traced = 8_387_574_784
     r = memory.run(memory.parse_args(["--shape", "llama-3.1-8b", "--stage", "ppo"]))
     assert r["peak_bytes"] <= traced * MARGIN, f"PPO 8B peak {r['peak_gib']:.3f} GiB is over its budget"
     assert r["peak_bytes"] >= traced * 0.9, "the PPO 8B peak fell: lower this budget and docs/performance.md's table"
     assert r["peak_phase"] == "update"
     parts = r["alive_at_peak_bytes"]
-    # at the chunk's backward: 1024 positions x 128256 logits in fp32 (turned into their gradient in place)
-    # and in bf16 (the head's output, whose storage takes the bf16 gradient): 6 bytes per logit
-    assert parts["logits chunk (and its gradient)"] == pytest.approx(6 * 1024 * 128256, rel=0.01)
+    # the log-prob chunk (at most 2.5 bytes per logit: 1024 x 128256 bf16 logits and an eighth in fp32) is
+    # no longer the peak: it is gone when the last layer is recomputed
+    assert "logits chunk (and its gradient)" not in parts
     # AdamW's two fp32 moments of the trainable half of the four roles' LoRA (policy, value): as large as all four
     assert parts["optimizer state"] == pytest.approx(parts["LoRA adapters and heads"], rel=0.01)
 

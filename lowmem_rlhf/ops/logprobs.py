@@ -25,7 +25,10 @@ def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
     return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
-def _softmax_dot(z: torch.Tensor, pieces: int = 8) -> torch.Tensor:
+_PIECES = 8
+
+
+def _softmax_dot(z: torch.Tensor, pieces: int = _PIECES) -> torch.Tensor:
     """sum_v softmax(z)_v z_v over the last dim, the softmax made for 1/`pieces` of the rows at a time: each
     row's values are those of the whole-tensor expression, with an eighth of a chunk alive instead of a chunk."""
     rows = z.reshape(-1, z.shape[-1])
@@ -35,7 +38,10 @@ def _softmax_dot(z: torch.Tensor, pieces: int = 8) -> torch.Tensor:
 
 
 def _head_rows(head: Callable, hidden: torch.Tensor) -> torch.Tensor:
-    """head(hidden) for a (b, c, d) chunk, computed on its (b * c, d) rows: one plain matrix product.
+    """head(hidden) for a (b, c, d) chunk as (b * c, v) logits, computed on its (b * c, d) rows: one plain
+    matrix product. (Not viewed back to (b, c, v): the backward writes the gradient into the output's
+    storage, and a view of a tensor changed in place gets a new gradient function that allocates a zero
+    tensor of the whole storage.)
 
     A chunk of positions sliced out of (b, t, d) states is not contiguous, and torch.matmul cannot fold such a
     view into one matrix: it multiplies it batch by batch against the head weight expanded to (b, d, v) with a
@@ -44,7 +50,19 @@ def _head_rows(head: Callable, hidden: torch.Tensor) -> torch.Tensor:
     is the same product of the same values. (A view whose rows are evenly spaced, as one position of each row
     is, stays a view: a matrix product reads rows at any spacing.)
     """
-    return head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+    return head(hidden.reshape(-1, hidden.shape[-1]))
+
+
+def _pieces(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """A chunk's rows (its b * c positions along the first dimension) in `n` pieces."""
+    return rows.split(max(1, -(-rows.shape[0] // n)))
+
+
+def _n_pieces(logits: torch.Tensor) -> int:
+    """fp32 logits are worked on in place, in one piece; low-precision ones an eighth of the rows at a time,
+    so that their fp32 copy exists for one piece at a time. Every operation on them is row by row (a row's
+    reductions, elementwise steps), so a row's values do not depend on the piece it is in."""
+    return 1 if logits.dtype == torch.float32 else _PIECES
 
 
 def _reuses_output(head: Callable) -> bool:
@@ -59,25 +77,35 @@ class _ChunkLogprobs(torch.autograd.Function):
     Autograd through `logits.float() / T`, gather and logsumexp keeps four fp32 (c, v) tensors alive at the
     backward (the logits, exp(z - lse), the gather's scattered gradient and their sum): 16 bytes per logit.
     Here the forward keeps nothing of size v (the hidden chunk and the (c,) logsumexp are saved), and the
-    backward recomputes the logits into one fp32 buffer and turns it into the gradient in place:
-    d(z_y - lse)/dz = onehot(y) - softmax(z). With a bf16 linear head the bf16 logits' storage then takes
-    the bf16 gradient, so 6 bytes per logit are alive at most (4 with an fp32 head). Every operation is the
+    backward recomputes the logits and turns them into the gradient in place:
+    d(z_y - lse)/dz = onehot(y) - softmax(z). fp32 logits are worked on as they are (4 bytes per logit
+    alive); a bf16 head's logits are made fp32 an eighth of the rows at a time, in the forward as in the
+    backward, and with a linear head the bf16 logits' storage takes the bf16 gradient: 2.5 bytes per logit
+    alive at most (the bf16 logits, and one eighth's fp32 copy), against 6 for one fp32 copy of the whole
+    chunk. Every operation is the
     one autograd would run, on the same values and in the same order, so the values and gradients are
     those of the plain expression to the bit. The entropy, when asked for, is returned without a graph.
     """
 
     @staticmethod
     def forward(ctx, hidden, targets, head, temperature: float, with_entropy: bool):
-        z = _head_rows(head, hidden).float()  # a bf16 head's output is freed here: only the fp32 copy stays
-        if temperature != 1.0:
-            z.div_(temperature)
-        picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        inner = _softmax_dot(z) if with_entropy else None
-        lse = _logsumexp_(z)
-        del z
+        out = _head_rows(head, hidden)
+        n = _n_pieces(out)
+        picked, inner, lse = [], [], []
+        for rows, y in zip(_pieces(out, n), _pieces(targets.reshape(-1), n), strict=True):
+            z = rows.float()  # the head's own output when it is fp32; else one piece's fp32 copy
+            if temperature != 1.0:
+                z.div_(temperature)
+            picked.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+            if with_entropy:
+                inner.append(_softmax_dot(z, _PIECES if n == 1 else 1))  # an eighth of the rows at a time
+            lse.append(_logsumexp_(z))
+            del z
+        del out
+        picked, lse = torch.cat(picked).view(targets.shape), torch.cat(lse).view(targets.shape)
         ctx.save_for_backward(hidden, targets, lse)
         ctx.head, ctx.temperature = head, temperature
-        entropy = lse - inner if with_entropy else lse.new_empty(0)
+        entropy = lse - torch.cat(inner).view(targets.shape) if with_entropy else lse.new_empty(0)
         ctx.mark_non_differentiable(entropy)
         return picked - lse, entropy
 
@@ -88,23 +116,27 @@ class _ChunkLogprobs(torch.autograd.Function):
         with torch.enable_grad():
             h = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
             out = _head_rows(head, h)
-        z = out.detach().float()
-        if z.dtype == out.dtype and not _reuses_output(head):  # `.float()` returned the head's own output
-            z = z.clone()
-        if temperature != 1.0:
-            z.div_(temperature)
-        # z -> grad * (onehot(y) - softmax(z)), as autograd sums the gather's and the logsumexp's terms
-        z.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
-        z.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
-        if temperature != 1.0:
-            z.div_(temperature)
-        if z.dtype == out.dtype:
-            grad_out = z
-        elif _reuses_output(head):
-            grad_out = out.detach().copy_(z)
-        else:
-            grad_out = z.to(out.dtype)
-        del z
+        n = _n_pieces(out)
+        if n == 1:  # fp32: the gradient is made in place, in the head's output unless the head keeps it
+            grad_out = out.detach() if _reuses_output(head) else out.detach().clone()
+            source = grad_out
+        else:  # from each piece's fp32 copy into the low-precision output's storage (or a new one)
+            grad_out = out.detach() if _reuses_output(head) else torch.empty_like(out)
+            source = out.detach()
+        pieces = [_pieces(t, n) for t in (source, grad_out, targets.reshape(-1), grad.reshape(-1), lse.reshape(-1))]
+        for rows, dst, y, g, m in zip(*pieces, strict=True):
+            z = rows.float()  # fp32: the rows themselves
+            if temperature != 1.0:
+                z.div_(temperature)
+            # z -> grad * (onehot(y) - softmax(z)), as autograd sums the gather's and the logsumexp's terms
+            z.sub_(m.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
+            z.scatter_add_(-1, y.unsqueeze(-1), g.unsqueeze(-1))
+            if temperature != 1.0:
+                z.div_(temperature)
+            if n > 1:
+                dst.copy_(z)
+            del z
+        del pieces, source
         # accumulates into the head's own trainable leaves as well, as a re-entrant checkpoint does
         torch.autograd.backward(out, grad_out)
         return h.grad if ctx.needs_input_grad[0] else None, None, None, None, None
@@ -124,7 +156,7 @@ def _chunk_logprobs_trained_entropy(
     hidden: torch.Tensor, targets: torch.Tensor, head: Callable, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy both with a graph (an entropy bonus), by plain autograd: checkpoint it."""
-    logits = _head_rows(head, hidden).float()
+    logits = _head_rows(head, hidden).float().view(*hidden.shape[:-1], -1)
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
