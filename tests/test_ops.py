@@ -192,7 +192,7 @@ def test_lean_chunk_backward_equals_plain_autograd_to_the_bit(dtype, temperature
     torch.testing.assert_close(_grads(lean, hidden, head, targets, weights)[0], ref, atol=atol, rtol=0)
 
 
-def test_lean_chunk_backward_keeps_one_fp32_chunk_alive():
+def test_lean_chunk_backward_keeps_an_eighth_of_a_chunk_in_fp32():
     """At its backward a chunk of c positions x v logits holds at most 2.5 bytes per logit with a bf16 head
     (the bf16 logits, whose storage takes the bf16 gradient, and the fp32 copy of an eighth of the rows at
     a time, turned into their gradient in place), against 16 + 2 by plain autograd."""
