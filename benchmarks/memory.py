@@ -42,7 +42,7 @@ from benchmarks import memtrace_compat as compat
 
 GIB = 2**30
 TOKEN, EOS, PAD = 5, 3, 0  # fake token ids: every sampled token is TOKEN (never EOS nor pad)
-STAGES = ("sft", "ppo", "rollout")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rollout")
 
 
 class MemoryTracer(TorchDispatchMode):
@@ -236,50 +236,105 @@ def _optimizer(params, name: str, lr: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def run_sft(args, model, tracer: MemoryTracer):
-    """The SFT step of TrainLoop (sft_loss_sum, backward, clip, optimizer step), `args.steps` times."""
-    from lowmem_rlhf.config import LoRAConfig, SFTConfig
-    from lowmem_rlhf.model.bank import AdapterBank, lora_config
+def _train_steps(args, tracer: MemoryTracer, bank, role: str, cfg, batch: dict, loss_fn: Callable, total: float):
+    """TrainLoop's step (loss_fn's weighted sum, backward, clip, optimizer step) on `batch`, `args.steps` times."""
     from lowmem_rlhf.train.loop import build_scheduler, grad_norm_, step_or_skip
-    from lowmem_rlhf.train.losses import sft_loss_sum
 
-    cfg = SFTConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
-    bank = AdapterBank(model, gradient_checkpointing=True)
-    bank.add_role(
-        "policy", lora=lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0)), trainable=True
-    )
     params = bank.trainable_parameters()
     tracer.params = params
     optimizer = _optimizer(params, args.optimizer, cfg.learning_rate)
     scheduler = build_scheduler(optimizer, cfg, args.steps)
-    ids = torch.full((args.batch, args.seq), TOKEN, dtype=torch.long)
-    response = torch.zeros_like(ids, dtype=torch.bool)
-    response[:, args.seq // 2 :] = True
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response}
-    total = float(args.batch * (args.seq - args.seq // 2))
     for step in range(args.steps):
         tracer.set_phase(f"step{step}:forward+backward")
-        with bank.use("policy", train=True) as m:
-            loss_sum, _ = sft_loss_sum(m, batch, args.chunk_size)
+        with bank.use(role, train=True) as m:
+            loss_sum, _ = loss_fn(m, batch)
             (loss_sum / total).backward()
         del loss_sum
         tracer.set_phase(f"step{step}:optimizer")
         grad_norm_(params, cfg.max_grad_norm)
         step_or_skip(optimizer, scheduler, True)
+    return optimizer
+
+
+def _lora(args):
+    from lowmem_rlhf.config import LoRAConfig
+    from lowmem_rlhf.model.bank import lora_config
+
+    return lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+
+
+def _sequences(n: int, length: int) -> dict:
+    """n full-length sequences whose second half is the response."""
+    ids = torch.full((n, length), TOKEN, dtype=torch.long)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, length // 2 :] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response}
+
+
+def run_sft(args, model, tracer: MemoryTracer):
+    """The SFT step of TrainLoop with sft_loss_sum, `args.steps` times."""
+    from lowmem_rlhf.config import SFTConfig
+    from lowmem_rlhf.model.bank import AdapterBank
+    from lowmem_rlhf.train.losses import sft_loss_sum
+
+    cfg = SFTConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
+    bank = AdapterBank(model, gradient_checkpointing=True)
+    bank.add_role("policy", lora=_lora(args), trainable=True)
+    batch = _sequences(args.batch, args.seq)
+    total = float(args.batch * (args.seq - args.seq // 2))
+    optimizer = _train_steps(
+        args, tracer, bank, "policy", cfg, batch, lambda m, b: sft_loss_sum(m, b, args.chunk_size), total
+    )
     return bank, optimizer
 
 
+def run_rm(args, model, tracer: MemoryTracer):
+    """The reward stage's step (TrainLoop with rm_loss_sum): `batch` pairs, chosen and rejected in one pass."""
+    from lowmem_rlhf.config import RewardConfig
+    from lowmem_rlhf.model.bank import AdapterBank
+    from lowmem_rlhf.stages.rm import rm_loss_sum
+
+    cfg = RewardConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
+    bank = AdapterBank(model, gradient_checkpointing=True)
+    bank.add_role("reward", lora=_lora(args), trainable=True, head=True)
+    batch = _sequences(2 * args.batch, args.seq)  # chosen rows, then rejected rows
+    batch["weights"] = torch.ones(args.batch)
+    batch["margins"] = torch.zeros(args.batch)
+    head = bank.head("reward")
+    loss_fn = lambda m, b: rm_loss_sum(m, head, b, cfg.use_margin, cfg.center_coef)  # noqa: E731
+    return bank, _train_steps(args, tracer, bank, "reward", cfg, batch, loss_fn, float(args.batch))
+
+
+def run_dpo(args, model, tracer: MemoryTracer):
+    """The DPO stage's step (TrainLoop with dpo_loss_sum): `batch` pairs through the policy with gradients and
+    through the frozen reference without (the default, no precomputed reference log-probs)."""
+    from lowmem_rlhf.config import DPOConfig
+    from lowmem_rlhf.model.bank import AdapterBank
+    from lowmem_rlhf.stages.dpo import dpo_loss_sum
+
+    cfg = DPOConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
+    bank = AdapterBank(model, gradient_checkpointing=True)
+    bank.add_role("policy", lora=_lora(args), trainable=True)
+    bank.add_role("reference", copy_of="policy")
+    bank.disable_dropout()
+    batch = _sequences(2 * args.batch, args.seq)
+    batch["weights"] = torch.ones(args.batch)
+    loss_fn = lambda m, b: dpo_loss_sum(bank, m, b, cfg, args.chunk_size)  # noqa: E731
+    return bank, _train_steps(args, tracer, bank, "policy", cfg, batch, loss_fn, float(args.batch))
+
+
 def _rl_bank(args, model):
-    """The PPO stage's four roles as build_rl_bank makes them (policy, reference copy, reward + head, value)."""
-    from lowmem_rlhf.config import LoRAConfig
-    from lowmem_rlhf.model.bank import AdapterBank, lora_config
+    """The RL stage's roles as build_rl_bank makes them: policy, reference copy, reward + head, and for PPO a
+    value role (a trainable copy of the reward role: critic "separate"); GRPO has no critic."""
+    from lowmem_rlhf.model.bank import AdapterBank
 
     bank = AdapterBank(model, gradient_checkpointing=True)
-    lora = lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+    lora = _lora(args)
     bank.add_role("policy", lora=lora, trainable=True)
     bank.add_role("reference", copy_of="policy", head=False)
     bank.add_role("reward", lora=lora, head=True)
-    bank.add_role("value", copy_of="reward", trainable=True, head=True)
+    if args.stage != "grpo":
+        bank.add_role("value", copy_of="reward", trainable=True, head=True)
     return bank
 
 
@@ -287,6 +342,8 @@ def ppo_config(args):
     from lowmem_rlhf.config import PPOConfig
 
     return PPOConfig(
+        advantage="grpo" if args.stage == "grpo" else "gae",
+        group_size=args.group_size,
         rollout_batch_size=args.rollout,
         mini_batch_size=args.micro_batch,
         micro_batch_size=args.micro_batch,
@@ -301,9 +358,9 @@ def ppo_config(args):
 
 
 def run_ppo(args, model, tracer: MemoryTracer):
-    """One PPO iteration: PPOTrainer.rollout's scoring passes (reward, policy, reference, value) on
-    full-length responses, then PPOTrainer.update. Generation is traced on its own (--stage rollout): here it
-    returns max_new_tokens tokens per prompt without running."""
+    """One PPO (or GRPO) iteration: PPOTrainer.rollout's scoring passes (reward, policy, reference, and value
+    for PPO) on full-length responses, then PPOTrainer.update. Generation is traced on its own (--stage
+    rollout): here it returns max_new_tokens tokens per prompt without running."""
     import lowmem_rlhf.train.ppo as ppo_mod
     from lowmem_rlhf.rollout.generate import Generation
     from lowmem_rlhf.train.loop import build_scheduler
@@ -370,7 +427,14 @@ def run_rollout(args, model, tracer: MemoryTracer):
     return bank, None
 
 
-RUNNERS: dict[str, Callable] = {"sft": run_sft, "ppo": run_ppo, "rollout": run_rollout}
+RUNNERS: dict[str, Callable] = {
+    "sft": run_sft,
+    "rm": run_rm,
+    "dpo": run_dpo,
+    "ppo": run_ppo,
+    "grpo": run_ppo,
+    "rollout": run_rollout,
+}
 
 
 @contextlib.contextmanager
@@ -449,11 +513,13 @@ def estimate(args) -> dict | None:
         "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size},
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0},
     }
-    if args.stage == "sft":
-        raw["sft"] = {"batch_size": args.batch, "max_length": args.seq, "optimizer": args.optimizer}
+    if args.stage in ("sft", "rm", "dpo"):
+        raw[args.stage] = {"batch_size": args.batch, "max_length": args.seq, "optimizer": args.optimizer}
     else:
         raw["ppo"] = {**dataclasses.asdict(ppo_config(args)), "optimizer": args.optimizer}
-    e = estimate_stage(config_from_dict(raw), resolve_shape(args.shape)[0], args.stage)
+    e = estimate_stage(
+        config_from_dict(raw), resolve_shape(args.shape)[0], "ppo" if args.stage == "grpo" else args.stage
+    )
     return {"allocated_bytes": e.allocated, "terms_bytes": dict(e.items)}
 
 
@@ -490,13 +556,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
     p.add_argument("--stage", default="sft", choices=STAGES)
-    p.add_argument("--batch", type=int, default=2, help="sft: sequences per step")
-    p.add_argument("--seq", type=int, default=2048, help="sft: tokens per sequence (the second half is response)")
-    p.add_argument("--steps", type=int, default=2, help="sft: optimizer steps (the second has optimizer state)")
-    p.add_argument("--rollout", type=int, default=16, help="ppo/rollout: prompts per iteration")
-    p.add_argument("--prompt-len", type=int, default=256, help="ppo/rollout: prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=256, help="ppo/rollout: response tokens")
-    p.add_argument("--micro-batch", type=int, default=4, help="ppo: micro- and mini-batch size")
+    p.add_argument("--batch", type=int, default=2, help="sft: sequences per step; rm/dpo: pairs per step")
+    p.add_argument(
+        "--seq", type=int, default=2048, help="sft/rm/dpo: tokens per sequence (the second half is response)"
+    )
+    p.add_argument("--steps", type=int, default=2, help="sft/rm/dpo: optimizer steps (the second has optimizer state)")
+    p.add_argument("--rollout", type=int, default=16, help="ppo/grpo/rollout: prompts per iteration")
+    p.add_argument("--group-size", type=int, default=4, help="grpo: samples per prompt")
+    p.add_argument("--prompt-len", type=int, default=256, help="ppo/grpo/rollout: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="ppo/grpo/rollout: response tokens")
+    p.add_argument("--micro-batch", type=int, default=4, help="ppo/grpo: micro- and mini-batch size")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=ModelConfig.logprob_chunk_size, help="model.logprob_chunk_size")
     p.add_argument(
@@ -508,7 +577,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     if args.optimizer is None:
-        args.optimizer = "adamw_8bit" if args.stage == "sft" else "adamw"
+        args.optimizer = "adamw_8bit" if args.stage in ("sft", "rm", "dpo") else "adamw"
     return args
 
 

@@ -1,5 +1,7 @@
 """AdapterBank on the real 4-bit tiny model: pitfalls 2, 8, 9, 10 and 11."""
 
+from unittest import mock
+
 import pytest
 import torch
 from conftest import base_fingerprint
@@ -217,3 +219,74 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match="no CUDA GPU is visible"):
         load_base(ModelConfig(device="cuda"))
+
+
+def _lean_bank(dtype: str):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    model, _ = load_base(ModelConfig(device="cpu", compute_dtype=dtype))
+    torch.manual_seed(0)
+    bank = AdapterBank(model)
+    bank.add_role("policy", lora=lora_config(LoRAConfig(r=4, alpha=8, dropout=0.0)), trainable=True)
+    params = bank.trainable_parameters()
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.2)
+    layers = [m for m in bank.peft_model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(type(m).__name__ == "LeanLoRA4bit" for m in layers)
+    assert all(p.dtype == torch.float32 for p in params)  # the adapters stay fp32 master weights
+    return bank, params, layers
+
+
+def test_lean_4bit_lora_forward_equals_peft_in_fp32(tiny_path):
+    """Every 4-bit LoRA layer computes LoRA in the compute dtype without copying the 4-bit output
+    (lowmem_rlhf.model.peft_4bit): in fp32 the log-probs and every LoRA gradient equal peft's own forward
+    bit for bit."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    bank, params, layers = _lean_bank("float32")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 600, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+
+    def run():
+        for p in params:
+            p.grad = None
+        with bank.use("policy", train=True) as m:
+            lp = token_logprobs(m, ids, mask)
+            lp.sum().backward()
+        return lp.detach(), [p.grad.clone() for p in params]
+
+    lean = run()
+    with mock.patch.object(type(layers[0]), "forward", Linear4bit.forward):
+        peft = run()
+    assert torch.equal(lean[0], peft[0])
+    assert all(torch.equal(a, b) for a, b in zip(lean[1], peft[1], strict=True))
+
+
+def test_lean_4bit_lora_forward_in_bf16_rounds_only_the_lora_product(tiny_path):
+    """In bf16 the LoRA product is rounded to bf16 after each of its two matmuls instead of computed in fp32
+    and rounded once: one layer's output moves by at most a few bf16 steps (2^-8 relative) of the LoRA
+    output, and the LoRA weights' gradients by about 1% (bf16 gradient matmuls)."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    _, params, layers = _lean_bank("bfloat16")
+    layer = layers[0]
+    x = torch.randn(4, 7, layer.in_features, generator=torch.Generator().manual_seed(2)).bfloat16()
+    weights = [layer.lora_A["policy"].weight, layer.lora_B["policy"].weight]
+
+    def run(forward):
+        for w in weights:
+            w.grad = None
+        xi = x.clone().requires_grad_(True)
+        out = forward(layer, xi)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach().float(), xi.grad.float(), [w.grad.clone() for w in weights]
+
+    lean, peft = run(type(layer).forward), run(Linear4bit.forward)
+    with torch.no_grad():
+        lora_out = (x.float() @ weights[0].T @ weights[1].T) * layer.scaling["policy"]
+    assert 0 < (lean[0] - peft[0]).abs().max() <= 4 * 2**-8 * lora_out.abs().max() + 2**-8 * peft[0].abs().max()
+    torch.testing.assert_close(lean[1], peft[1], rtol=2**-6, atol=2**-6 * peft[1].abs().max().item())
+    for a, b in zip(lean[2], peft[2], strict=True):
+        assert torch.linalg.vector_norm(a - b) <= 0.02 * torch.linalg.vector_norm(b)

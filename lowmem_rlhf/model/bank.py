@@ -31,6 +31,7 @@ from torch import nn
 from lowmem_rlhf import distributed
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.heads import HEAD_FILE, ScalarHead, check_finite
+from lowmem_rlhf.model.peft_4bit import use_lean_4bit_lora
 
 _ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -112,6 +113,7 @@ class AdapterBank:
             self.peft_model = get_peft_model(self.base_model, lora, adapter_name=name)
         else:
             self.peft_model.add_adapter(name, lora)
+        use_lean_4bit_lora(self.peft_model)  # LoRA in the compute dtype, no copy of the 4-bit output
 
         if copy_of is not None:
             self._copy_lora(copy_of, name)
