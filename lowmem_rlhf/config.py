@@ -213,6 +213,12 @@ class RewardConfig(TrainingConfig):
     eval_dataset: str | None = _f(None, "Held-out preferences for accuracy, margin and length-bias diagnostics.")
     eval_split: str = _f("test", "Split to use when `eval_dataset` is a Hub dataset id.")
     max_length: int = _f(1024, "Longest prompt + response + EOS; longer ones are truncated as in SFT.", range=Range(2))
+    batch_size: int = _f(
+        4,
+        "Prompts (data rows) per micro-batch. Each row's distinct responses are scored once and all its pairs "
+        "computed from those scores: a K-way ranking is K sequences, a pair row 2.",
+        range=AT_LEAST_1,
+    )
     init_from: Literal["sft", "fresh"] = _f(
         "sft", "Start the reward adapter from the SFT adapter of this run (InstructGPT) or from a fresh LoRA."
     )

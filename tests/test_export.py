@@ -172,27 +172,35 @@ def test_exports_load_with_plain_transformers_and_reproduce_the_toolkit(run_dir,
     assert plain["max_logit_diff"] < 1e-4
     fp32_run = unquantized_copy(run_dir, tmp_path / "run_fp32")
     assert decode(plain["merged"]) == generate_texts(capsys, fp32_run)
-    # reward export == `lowmem-rlhf score` on the unquantized base, up to the score head's bias, which the
-    # sequence classifier's bias-free `score` layer cannot hold (documented; BT rewards are shift-invariant)
+    # reward export == `lowmem-rlhf score` on the unquantized base: our head is the transformers layout (bias-free)
     rows_file, scored = tmp_path / "rows.jsonl", tmp_path / "scored.jsonl"
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli(capsys, "score", str(fp32_run), "--input", str(rows_file), "--output", str(scored))[0] == 0
     toolkit = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
-    bias = float(load_file(str(run_dir / "reward" / "head.safetensors"))["bias"])
+    head = fp32_run / "reward" / "head.safetensors"
+    assert set(load_file(str(head))) == {"weight"}
     with capsys.disabled():
-        print(f"merged vs reference: max logit diff {plain['max_logit_diff']:.2e}; score head bias {bias:+.3e}")
+        print(f"merged vs reference: max logit diff {plain['max_logit_diff']:.2e}")
         print("reward export", plain["reward"], "toolkit", toolkit)
-    assert plain["reward"] == pytest.approx([s - bias for s in toolkit], abs=1e-4)
-    assert ("was dropped" in (exports["reward"] / "README.md").read_text()) == (bias != 0.0)
+    assert plain["reward"] == pytest.approx(toolkit, abs=1e-4)
+    assert "was dropped" not in (exports["reward"] / "README.md").read_text()
 
-    # a head in the transformers layout (weight only) loads in the toolkit with a zero bias: exact match
+    # a head saved with a bias (older run folders) keeps it as a fixed offset: every score moves by exactly it
     from safetensors.torch import save_file
 
-    head = fp32_run / "reward" / "head.safetensors"
-    save_file({"weight": load_file(str(head))["weight"]}, str(head))
+    save_file({"weight": load_file(str(head))["weight"], "bias": torch.tensor([0.25])}, str(head))
     assert cli(capsys, "score", str(fp32_run), "--input", str(rows_file), "--output", str(scored))[0] == 0
-    toolkit = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
-    assert plain["reward"] == pytest.approx(toolkit, abs=1e-4)
+    shifted = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
+    assert shifted == pytest.approx([t + 0.25 for t in toolkit], abs=1e-5)
+    # ... and `export --stage reward` drops it (the `score` layer has no bias), says so, and keeps the weight
+    from lowmem_rlhf.stages.export import export
+
+    legacy = export(fp32_run, "reward", tmp_path / "legacy_reward", dtype="fp32")
+    exported = {}
+    for shard in legacy.glob("*.safetensors"):
+        exported.update(load_file(str(shard)))
+    assert torch.equal(exported["score.weight"], load_file(str(head))["weight"].reshape(1, -1))
+    assert "+0.25) has no slot in this layout and was dropped" in (legacy / "README.md").read_text()
 
 
 def test_adapter_export_layout(run_dir, exports):

@@ -69,8 +69,8 @@ def test_nonfinite_weights_are_never_saved(tmp_path, tiny_path):
     assert not (tmp_path / "out").exists()
     head = ScalarHead(8)
     with torch.no_grad():
-        head.linear.bias.fill_(float("inf"))
-    with pytest.raises(UserError, match="refusing to save the scalar head .*tensor bias holds NaN or inf"):
+        head.linear.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="refusing to save the scalar head .*tensor weight holds NaN or inf"):
         head.save(tmp_path)
     assert not (tmp_path / "head.safetensors").exists()
 

@@ -10,7 +10,13 @@ from safetensors.torch import load_file
 
 from lowmem_rlhf.cli import main
 from lowmem_rlhf.config import ModelConfig, config_from_dict
-from lowmem_rlhf.data.preference import expand_rows, load_pair_examples, normalize_preference_row, pad_sequences
+from lowmem_rlhf.data.preference import (
+    expand_rows,
+    load_group_examples,
+    load_pair_examples,
+    normalize_preference_row,
+    pad_sequences,
+)
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.heads import HEAD_FILE
@@ -255,6 +261,47 @@ def test_saved_reward_model_reloads_to_identical_scores(sft_run, tmp_path):
         bank.add_role("reward", from_dir=out, head=True)
 
 
+def test_grouped_rankings_score_each_response_once_and_equal_the_pairwise_loss(tiny_path):
+    """A K=4 ranking is 4 forwards (not 12), and its C(4,2) Bradley-Terry terms -- with weights, margins and
+    the centring term -- equal the pairwise form's, value and gradient."""
+    from lowmem_rlhf.data.preference import collate_groups, collate_pairs
+    from lowmem_rlhf.model.bank import lora_config
+
+    cfg = config_from_dict(tiny_recipe("unused"))
+    model, tok = load_base(cfg.model)
+    bank = AdapterBank(model, gradient_checkpointing=False)
+    bank.add_role("reward", lora=lora_config(cfg.lora), trainable=True, head=True)
+    with torch.no_grad():  # a LoRA starts as the identity: move it so the adapter matters
+        for name, p in bank.named_role_parameters("reward").items():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    rows = "builtin:tiny/rankings.jsonl"
+    groups = load_group_examples(rows, "train", tok, 96, 3, "rm")
+    pairs = load_pair_examples(rows, "train", tok, 96, 3, "rm")
+    assert [len(g.seqs) for g in groups] == [4, 4, 4] and len(pairs) == 18
+    for g in groups:
+        g.pairs = [(c, r, w, 0.1 * (c + 2 * r)) for c, r, w, _ in g.pairs]  # distinct margins per pair
+    for i, p in enumerate(pairs):
+        p.margin = 0.1 * (groups[0].pairs[i % 6][0] + 2 * groups[0].pairs[i % 6][1])
+    grouped, pairwise = collate_groups(groups, tok.pad_token_id), collate_pairs(pairs, tok.pad_token_id)
+    assert grouped["input_ids"].shape[0] == 12 and pairwise["input_ids"].shape[0] == 36  # forwards: 4 vs 12 a prompt
+
+    head, params = bank.head("reward"), bank.role_parameters("reward")
+    out = {}
+    for name, batch in (("grouped", grouped), ("pairwise", pairwise)):
+        with bank.use("reward") as m:
+            loss, metrics = rm.rm_loss_sum(m, head, batch, use_margin=True, center_coef=0.01)
+            grads = torch.autograd.grad(loss, params)
+        out[name] = loss.detach(), metrics, grads
+    (lg, mg, gg), (lp, mp, gp) = out["grouped"], out["pairwise"]
+    torch.testing.assert_close(lg, lp, rtol=1e-6, atol=1e-6)
+    assert mg == pytest.approx(mp, rel=1e-5)
+    assert float(grouped["weights"].sum()) == pytest.approx(3.0)  # each prompt counts once, as in the pairwise form
+    for a, b in zip(gg, gp):  # fp32: the pairwise form sums each response's gradient over its K-1 copies
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    assert any(bool(g.abs().sum() > 0) for g in gg)
+
+
 def test_sft_adapter_and_base_untouched_by_rm_training(sft_run, tmp_path):
     cfg = rm_cfg(sft_run)
     model, tok = load_base(cfg.model)
@@ -264,7 +311,7 @@ def test_sft_adapter_and_base_untouched_by_rm_training(sft_run, tmp_path):
     sft_before, base_before = bank.state_dict("sft"), base_fingerprint(bank.peft_model)
     reward_before = bank.state_dict("reward")
     file_before = (sft_run / "sft" / "adapter_model.safetensors").read_bytes()
-    train = load_pair_examples(cfg.rm.dataset, "train", tok, cfg.rm.max_length, 32, "rm")
+    train = load_group_examples(cfg.rm.dataset, "train", tok, cfg.rm.max_length, 32, "rm")
     loop_params = {id(p) for p in bank.trainable_parameters()}
     assert loop_params == {id(p) for p in bank.role_parameters("reward")}  # the optimizer never sees sft
     rm.train_reward(bank, cfg.rm, tmp_path / "stage", train, [], tok.pad_token_id, 0, {})
@@ -320,14 +367,15 @@ def test_eval_accuracy_and_margin_are_weighted_like_the_loss(monkeypatch):
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from lowmem_rlhf.data.preference import PairExample
+    from lowmem_rlhf.data.preference import GroupExample
 
     # each sequence is [1, score]: the stub reward model reads the score off the second token
     monkeypatch.setattr(rm, "sequence_scores", lambda model, head, ids, mask: ids[:, 1].float())
     bank = SimpleNamespace(head=lambda role: None, use=lambda role: nullcontext(), device=torch.device("cpu"))
-    ranking = [PairExample([1, c], [1, r], 1, 1, 1 / 3, 0.0) for c, r in ((9, 5), (9, 2), (5, 2))]  # all right
-    pair = PairExample([1, 3], [1, 7], 1, 1, 1.0, 0.0)  # wrong by 4
-    diag = rm.evaluate_pairs(bank, "reward", [*ranking, pair], 0, 2)
+    third = 1 / 3
+    ranking = GroupExample([[1, 9], [1, 5], [1, 2]], [1, 1, 1], [(0, 1, third, 0.0), (0, 2, third, 0.0), (1, 2, third, 0.0)])
+    pair = GroupExample([[1, 3], [1, 7]], [1, 1], [(0, 1, 1.0, 0.0)])  # wrong by 4
+    diag = rm.evaluate_pairs(bank, "reward", [ranking, pair], 0, 1)
     # two prompts, each counting once: the ranking's three right pairs weigh as much as the one wrong pair
     assert diag["eval_accuracy"] == pytest.approx(0.5)  # unweighted it would be 3/4
     assert diag["eval_margin"] == pytest.approx((1 / 3 * (4 + 7 + 3) - 4) / 2)

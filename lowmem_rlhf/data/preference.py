@@ -12,6 +12,10 @@ the whole conversation (the prompt's turns, then the assistant's: UltraFeedback'
 
 A pair whose chosen and rejected texts are identical teaches nothing (its loss has no gradient) and
 skews the averages: it is dropped, counted in a warning, and the row's other pairs share its weight.
+
+The reward model trains on groups (`GroupExample`): one row's distinct responses, each scored once,
+and all of its weighted pairs computed from those scores, so a K-way ranking costs K forwards
+instead of K(K-1) (InstructGPT). DPO trains on the pairs (`PairExample`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ class PairExample:
     rejected_prompt_len: int
     weight: float
     margin: float
+
+
+@dataclass
+class GroupExample:
+    """One row's distinct responses as full sequences (prompt + response + EOS) and its pairs over them:
+    (chosen index, rejected index, weight, margin) into `seqs`."""
+
+    seqs: list[list[int]]
+    prompt_lens: list[int]
+    pairs: list[tuple[int, int, float, float]]
 
 
 def _number(value, where: str, field: str) -> float:
@@ -114,18 +128,26 @@ def _row_pairs(row: dict, where: str) -> list[Pair]:
     return [Pair(prompt, texts[i], texts[j], 1.0 / len(pairs), values[i] - values[j]) for i, j in pairs]
 
 
-def expand_rows(rows: list[dict], source: str) -> tuple[list[Pair], int, list[int]]:
-    """Every row's pairs; returns the pairs, how many rows gave none because all responses were tied, and the
-    (1-based) rows that had pairs with identical chosen and rejected texts (dropped)."""
-    pairs, tied, identical = [], 0, []
+def expand_groups(rows: list[dict], source: str) -> tuple[list[list[Pair]], int, list[int]]:
+    """Every row's pairs, one list per row that has any; returns those lists, how many rows gave none because
+    all responses were tied, and the (1-based) rows that had pairs with identical chosen and rejected texts
+    (dropped)."""
+    groups, tied, identical = [], 0, []
     for i, row in enumerate(rows, start=1):
         row_pairs = _row_pairs(row, f"{source}, row {i}")
         tied += not row_pairs
         row_pairs, dropped = _drop_identical(row_pairs)
         if dropped:
             identical.append(i)
-        pairs.extend(row_pairs)
-    return pairs, tied, identical
+        if row_pairs:
+            groups.append(row_pairs)
+    return groups, tied, identical
+
+
+def expand_rows(rows: list[dict], source: str) -> tuple[list[Pair], int, list[int]]:
+    """`expand_groups` flattened: every row's pairs in row order."""
+    groups, tied, identical = expand_groups(rows, source)
+    return [p for g in groups for p in g], tied, identical
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int) -> tuple[list[PairExample], int]:
@@ -148,15 +170,31 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int) -> tuple[list[
     return examples, truncated
 
 
-def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch of 2n sequences: the n chosen first, then the n rejected (one forward pass)."""
-    seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+def tokenize_groups(groups: list[list[Pair]], tokenizer, max_length: int) -> tuple[list[GroupExample], int]:
+    """Token ids of every group's distinct responses (SFT's truncation policy per sequence); returns the
+    examples and how many sequences were truncated."""
+    examples, truncated = [], 0
+    for pairs in groups:
+        prompt_ids = encode_prompt(tokenizer, pairs[0].prompt)
+        index: dict[str, int] = {}
+        seqs, prompt_lens = [], []
+        for text in (t for p in pairs for t in (p.chosen, p.rejected)):
+            if text in index:
+                continue
+            index[text] = len(seqs)
+            response = encode_response(tokenizer, text)
+            p, r = truncate(prompt_ids, response, max_length)
+            truncated += (len(p), len(r)) != (len(prompt_ids), len(response))
+            seqs.append(p + r)
+            prompt_lens.append(len(p))
+        examples.append(
+            GroupExample(seqs, prompt_lens, [(index[p.chosen], index[p.rejected], p.weight, p.margin) for p in pairs])
+        )
+    return examples, truncated
+
+
+def _sequence_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_sequences(seqs, pad_id)
-    lengths = torch.tensor(
-        [len(e.chosen_ids) - e.chosen_prompt_len for e in examples]
-        + [len(e.rejected_ids) - e.rejected_prompt_len for e in examples]
-    )
-    prompt_lens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
     response_mask = attention_mask.clone()
     for i, p in enumerate(prompt_lens):
         response_mask[i, :p] = False
@@ -164,22 +202,52 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.T
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
-        "response_lengths": lengths,
+        "response_lengths": torch.tensor([len(s) - p for s, p in zip(seqs, prompt_lens)]),
+    }
+
+
+def collate_groups(examples: list[GroupExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of every group's sequences (one forward pass) and the pairs as indices into it:
+    `chosen_index`, `rejected_index`, `weights`, `margins` (one entry per pair)."""
+    seqs, prompt_lens, chosen, rejected, weights, margins = [], [], [], [], [], []
+    for e in examples:
+        offset = len(seqs)
+        seqs += e.seqs
+        prompt_lens += e.prompt_lens
+        for c, r, w, m in e.pairs:
+            chosen.append(offset + c)
+            rejected.append(offset + r)
+            weights.append(w)
+            margins.append(m)
+    return _sequence_batch(seqs, prompt_lens, pad_id) | {
+        "chosen_index": torch.tensor(chosen),
+        "rejected_index": torch.tensor(rejected),
+        "weights": torch.tensor(weights, dtype=torch.float32),
+        "margins": torch.tensor(margins, dtype=torch.float32),
+    }
+
+
+def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2n sequences: the n chosen first, then the n rejected (one forward pass); the same
+    keys as `collate_groups` (pair i is chosen i vs rejected n + i)."""
+    n = len(examples)
+    seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    prompt_lens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
+    return _sequence_batch(seqs, prompt_lens, pad_id) | {
+        "chosen_index": torch.arange(n),
+        "rejected_index": torch.arange(n, 2 * n),
         "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
         "margins": torch.tensor([e.margin for e in examples], dtype=torch.float32),
     }
 
 
-def load_pair_examples(
-    source: str, split: str, tokenizer, max_length: int, limit: int | None, key: str
-) -> list[PairExample]:
-    """Read, expand and tokenise a preference source; `key` names the recipe section in warnings."""
+def _read_groups(source: str, split: str, limit: int | None) -> tuple[list[list[Pair]], str]:
     from lowmem_rlhf.data.formats import load_rows
 
     rows, name = load_rows(source, split)
     if limit is not None:
         rows = rows[:limit]
-    pairs, tied, identical = expand_rows(rows, name)
+    groups, tied, identical = expand_groups(rows, name)
     if tied:
         logger.warning("%s: %d rows had all responses tied and gave no pair", name, tied)
     if identical:
@@ -190,9 +258,31 @@ def load_pair_examples(
             len(identical),
             shown,
         )
-    if not pairs:
+    if not groups:
         raise UserError(f"{name}: no preference pairs (every row's responses are tied or identical)")
-    examples, truncated = tokenize_pairs(pairs, tokenizer, max_length)
+    return groups, name
+
+
+def _warn_truncated(name: str, truncated: int, key: str, max_length: int) -> None:
     if truncated:
         logger.warning("%s: %d sequences longer than %s.max_length=%d were truncated", name, truncated, key, max_length)
+
+
+def load_pair_examples(
+    source: str, split: str, tokenizer, max_length: int, limit: int | None, key: str
+) -> list[PairExample]:
+    """Read, expand and tokenise a preference source into pairs; `key` names the recipe section in warnings."""
+    groups, name = _read_groups(source, split, limit)
+    examples, truncated = tokenize_pairs([p for g in groups for p in g], tokenizer, max_length)
+    _warn_truncated(name, truncated, key, max_length)
+    return examples
+
+
+def load_group_examples(
+    source: str, split: str, tokenizer, max_length: int, limit: int | None, key: str
+) -> list[GroupExample]:
+    """Read, expand and tokenise a preference source into one group per row (`key` names the recipe section)."""
+    groups, name = _read_groups(source, split, limit)
+    examples, truncated = tokenize_groups(groups, tokenizer, max_length)
+    _warn_truncated(name, truncated, key, max_length)
     return examples

@@ -125,8 +125,9 @@ class AdapterBank:
             elif from_dir is not None:
                 role.head = ScalarHead.load(from_dir, self.device)
             else:
-                role.head = ScalarHead(self.hidden_size).to(self.device)
-                role.head.load_state_dict(self.head(copy_of).state_dict())
+                source = self.head(copy_of)
+                role.head = ScalarHead(self.hidden_size, offset=source.offset).to(self.device)
+                role.head.load_state_dict(source.state_dict())
         self.roles[name] = role
         # Keep the adapter that was active before (peft activates the first one it creates).
         self.peft_model.set_adapter(next(iter(self.roles)))

@@ -1,7 +1,8 @@
 """Reward model: a LoRA adapter + fp32 score head on the shared 4-bit base, Bradley-Terry loss.
 
 We reuse our own loop rather than TRL's RewardTrainer: it must weight a K-way ranking's C(K,2) pairs
-so each prompt counts once, read the score at the last real token whatever the padding (pitfall 3),
+so each prompt counts once, train on a ranking as one group (its K responses scored once, all C(K,2)
+Bradley-Terry terms from those K scores: K forwards instead of K(K-1), as InstructGPT does), read the score at the last real token whatever the padding (pitfall 3),
 save the fp32 head beside a standard PEFT adapter (pitfall 8), and resume exactly like every stage.
 
 Output `output_dir/reward/`: the adapter, `head.safetensors`, `reward_stats.json` (mean/std of
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lowmem_rlhf.config import RecipeConfig, RewardConfig
-from lowmem_rlhf.data.preference import PairExample, collate_pairs, load_pair_examples, pad_sequences
+from lowmem_rlhf.data.preference import GroupExample, collate_groups, load_group_examples, pad_sequences
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
@@ -33,11 +34,15 @@ ROLE = "reward"
 STATS_FILE = "reward_stats.json"
 
 
-def rm_loss_sum(model, head, batch: dict, use_margin: bool, center_coef: float) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of per-pair Bradley-Terry losses; chosen are the first half of the batch."""
+def pair_scores(model, head, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence of the batch scored once, then read out per pair: (chosen, rejected), each (pairs,)."""
     scores = sequence_scores(model, head, batch["input_ids"], batch["attention_mask"])
-    n = batch["weights"].shape[0]
-    chosen, rejected = scores[:n], scores[n:]
+    return scores[batch["chosen_index"]], scores[batch["rejected_index"]]
+
+
+def rm_loss_sum(model, head, batch: dict, use_margin: bool, center_coef: float) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of per-pair Bradley-Terry losses over a `collate_groups` (or `collate_pairs`) batch."""
+    chosen, rejected = pair_scores(model, head, batch)
     w = batch["weights"]
     loss = bradley_terry_loss(chosen, rejected, batch["margins"] if use_margin else None, center_coef)
     metrics = {
@@ -48,42 +53,42 @@ def rm_loss_sum(model, head, batch: dict, use_margin: bool, center_coef: float) 
 
 
 @torch.no_grad()
-def evaluate_pairs(bank: AdapterBank, role: str, examples: list[PairExample], pad_id: int, batch_size: int) -> dict:
+def evaluate_pairs(bank: AdapterBank, role: str, examples: list[GroupExample], pad_id: int, batch_size: int) -> dict:
     """Held-out diagnostics: pairwise accuracy, mean margin (both weighted like the loss), score spread, length bias."""
     head = bank.head(role)
-    chosen, rejected, chosen_len, rejected_len, losses, weights = [], [], [], [], [], []
+    chosen, rejected, all_scores, all_lengths, losses, weights = [], [], [], [], [], []
     with bank.use(role) as model:
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(bank.device) for k, v in collate_pairs(examples[i : i + batch_size], pad_id).items()}
+            batch = {k: v.to(bank.device) for k, v in collate_groups(examples[i : i + batch_size], pad_id).items()}
             scores = sequence_scores(model, head, batch["input_ids"], batch["attention_mask"]).cpu()
-            n = len(batch["weights"])
-            chosen.append(scores[:n])
-            rejected.append(scores[n:])
-            chosen_len.append(batch["response_lengths"][:n].cpu())
-            rejected_len.append(batch["response_lengths"][n:].cpu())
-            losses.append(bradley_terry_loss(scores[:n], scores[n:]))
+            c, r = scores[batch["chosen_index"].cpu()], scores[batch["rejected_index"].cpu()]
+            chosen.append(c)
+            rejected.append(r)
+            all_scores.append(scores)
+            all_lengths.append(batch["response_lengths"].cpu())
+            losses.append(bradley_terry_loss(c, r))
             weights.append(batch["weights"].cpu())
     c, r, w = torch.cat(chosen), torch.cat(rejected), torch.cat(weights)
-    all_scores = torch.cat([c, r])
-    all_lengths = torch.cat(chosen_len + rejected_len)
-    # loss, accuracy and margin are all weighted like training: a ranking's C(K, 2) pairs share one prompt's weight
+    scores, lengths = torch.cat(all_scores), torch.cat(all_lengths)
+    # loss, accuracy and margin are all weighted like training: a ranking's C(K, 2) pairs share one prompt's weight;
+    # the score spread and the length correlation are over the distinct responses
     return {
         "eval_loss": float((torch.cat(losses) * w).sum() / w.sum()),
         "eval_accuracy": float((pairwise_accuracy(c, r) * w).sum() / w.sum()),
         "eval_margin": float(((c - r) * w).sum() / w.sum()),
-        "eval_score_mean": float(all_scores.mean()),
-        "eval_score_std": float(all_scores.std()),
-        "eval_length_corr": float(pearson(all_scores, all_lengths.float())),
+        "eval_score_mean": float(scores.mean()),
+        "eval_score_std": float(scores.std()),
+        "eval_length_corr": float(pearson(scores, lengths.float())),
         "eval_pairs": len(c),
     }
 
 
 @torch.no_grad()
 def reward_stats(
-    bank: AdapterBank, role: str, examples: list[PairExample], pad_id: int, batch_size: int, n: int
+    bank: AdapterBank, role: str, examples: list[GroupExample], pad_id: int, batch_size: int, n: int
 ) -> dict:
     """Mean/std of the trained reward over (up to n) distinct training responses, for PPO's normalisation."""
-    seqs = list(dict.fromkeys(tuple(s) for e in examples for s in (e.chosen_ids, e.rejected_ids)))[:n]
+    seqs = list(dict.fromkeys(tuple(s) for e in examples for s in e.seqs))[:n]
     head = bank.head(role)
     scores = []
     with bank.use(role) as model:
@@ -98,18 +103,19 @@ def train_reward(
     bank: AdapterBank,
     rc: RewardConfig,
     stage_dir: Path,
-    train: list[PairExample],
-    evals: list[PairExample],
+    train: list[GroupExample],
+    evals: list[GroupExample],
     pad_id: int,
     seed: int,
     settings: dict,
     role: str = ROLE,
 ) -> tuple[LoopResult, dict]:
-    """Train `role` (adapter + head) on weighted pairs; returns the loop result and the final diagnostics."""
+    """Train `role` (adapter + head) on groups of weighted pairs (`rc.batch_size` groups, i.e. prompts, per
+    micro-batch); returns the loop result and the final diagnostics."""
     device, head = bank.device, bank.head(role)
 
     def collate(examples):
-        return {k: v.to(device) for k, v in collate_pairs(examples, pad_id).items()}
+        return {k: v.to(device) for k, v in collate_groups(examples, pad_id).items()}
 
     def eval_fn(bank: AdapterBank) -> dict:
         return evaluate_pairs(bank, role, evals, pad_id, rc.batch_size)
@@ -150,13 +156,19 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
         return stage_dir
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train = load_pair_examples(rc.dataset, rc.dataset_split, tokenizer, rc.max_length, rc.max_samples, "rm")
+    train = load_group_examples(rc.dataset, rc.dataset_split, tokenizer, rc.max_length, rc.max_samples, "rm")
     evals = (
-        load_pair_examples(rc.eval_dataset, rc.eval_split, tokenizer, rc.max_length, None, "rm")
+        load_group_examples(rc.eval_dataset, rc.eval_split, tokenizer, rc.max_length, None, "rm")
         if rc.eval_dataset
         else []
     )
-    logger.info("rm: %d training pairs, %d held-out pairs", len(train), len(evals))
+    logger.info(
+        "rm: %d training prompts (%d pairs, %d responses), %d held-out prompts",
+        len(train),
+        sum(len(e.pairs) for e in train),
+        sum(len(e.seqs) for e in train),
+        len(evals),
+    )
 
     check_fits(cfg, "rm", resolve_device(cfg.model.device))
     model, tokenizer = load_base(cfg.model)
