@@ -260,7 +260,7 @@ def _lora(args):
     from lowmem_rlhf.config import LoRAConfig
     from lowmem_rlhf.model.bank import lora_config
 
-    return lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+    return lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=args.lora_dropout))
 
 
 def _sequences(n: int, length: int) -> dict:
@@ -289,7 +289,8 @@ def run_sft(args, model, tracer: MemoryTracer):
 
 
 def run_rm(args, model, tracer: MemoryTracer):
-    """The reward stage's step (TrainLoop with rm_loss_sum): `batch` pairs, chosen and rejected in one pass."""
+    """The reward stage's step (TrainLoop with rm_loss_sum) on `batch` prompts of `responses` sequences each, as
+    collate_groups makes them: every sequence scored once, all C(responses, 2) pairs of a prompt from its scores."""
     from lowmem_rlhf.config import RewardConfig
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.stages.rm import rm_loss_sum
@@ -297,9 +298,13 @@ def run_rm(args, model, tracer: MemoryTracer):
     cfg = RewardConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
     bank = AdapterBank(model, gradient_checkpointing=True)
     bank.add_role("reward", lora=_lora(args), trainable=True, head=True)
-    batch = _sequences(2 * args.batch, args.seq)  # chosen rows, then rejected rows
-    batch["weights"] = torch.ones(args.batch)
-    batch["margins"] = torch.zeros(args.batch)
+    k = args.responses
+    batch = _sequences(k * args.batch, args.seq)  # each prompt's k responses, best first
+    pairs = [(g * k + i, g * k + j) for g in range(args.batch) for i in range(k) for j in range(i + 1, k)]
+    batch["chosen_index"] = torch.tensor([c for c, _ in pairs])
+    batch["rejected_index"] = torch.tensor([r for _, r in pairs])
+    batch["weights"] = torch.full((len(pairs),), 1.0 / math.comb(k, 2))
+    batch["margins"] = torch.zeros(len(pairs))
     head = bank.head("reward")
     loss_fn = lambda m, b: rm_loss_sum(m, head, b, cfg.use_margin, cfg.center_coef)  # noqa: E731
     return bank, _train_steps(args, tracer, bank, "reward", cfg, batch, loss_fn, float(args.batch))
@@ -325,7 +330,7 @@ def run_dpo(args, model, tracer: MemoryTracer):
 
 def _rl_bank(args, model):
     """The RL stage's roles as build_rl_bank makes them: policy, reference copy, reward + head, and for PPO a
-    value role (a trainable copy of the reward role: critic "separate"); GRPO has no critic."""
+    value role (a trainable copy of the reward role: critic "separate"); GRPO (and a GRPO rollout) has no critic."""
     from lowmem_rlhf.model.bank import AdapterBank
 
     bank = AdapterBank(model, gradient_checkpointing=True)
@@ -333,7 +338,7 @@ def _rl_bank(args, model):
     bank.add_role("policy", lora=lora, trainable=True)
     bank.add_role("reference", copy_of="policy", head=False)
     bank.add_role("reward", lora=lora, head=True)
-    if args.stage != "grpo":
+    if args.stage != "grpo" and not (args.stage == "rollout" and args.rollout_of == "grpo"):
         bank.add_role("value", copy_of="reward", trainable=True, head=True)
     return bank
 
@@ -408,11 +413,13 @@ def run_ppo(args, model, tracer: MemoryTracer):
 
 
 def run_rollout(args, model, tracer: MemoryTracer):
-    """rollout.generate from the policy of the PPO bank: prefill of `rollout` prompts, then decoding."""
+    """rollout.generate from the policy of the PPO bank (or the GRPO bank, `--rollout-of grpo`: `group-size`
+    samples of each prompt, as PPOTrainer.rollout repeats them): prefill of every sequence, then decoding."""
     from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
 
     bank = _rl_bank(args, model)
-    prompts = [[TOKEN] * args.prompt_len for _ in range(args.rollout)]
+    n = args.rollout * (args.group_size if args.rollout_of == "grpo" else 1)
+    prompts = [[TOKEN] * args.prompt_len for _ in range(n)]
     tracer.set_phase("generate")
     generate(
         bank,
@@ -478,25 +485,51 @@ def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True
     }
 
 
-def extrapolate(args) -> dict:
-    """Trace 2 and 3 layers and extend their difference to the shape's depth (see the module docstring)."""
+def extrapolate(args, layers: tuple[int, ...] = (2, 3)) -> dict:
+    """Trace `layers` decoder layers (consecutive counts) and extend the per-layer difference to the shape's depth
+    (see the module docstring). With three or more counts the rule is checked first: every count's peak and
+    breakdown must lie on one line, to the byte, and peak in the same phase; otherwise RuntimeError."""
     from benchmarks.shapes import SHAPES
 
     depth = SHAPES[args.shape]["num_hidden_layers"]
-    two, three = trace(args, 2), trace(args, 3)
-    if two["peak_phase"] != three["peak_phase"]:
-        raise RuntimeError(f"2 and 3 layers peak in different phases ({two['peak_phase']}, {three['peak_phase']})")
-    k = depth - 2
-    a, b = two["alive_at_peak_bytes"], three["alive_at_peak_bytes"]
-    parts = {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in dict.fromkeys([*a, *b])}
+    runs = [trace(args, n) for n in layers]
+    phases = {r["peak_phase"] for r in runs}
+    if len(phases) > 1:
+        raise RuntimeError(f"{layers} layers peak in different phases ({', '.join(sorted(phases))})")
+    first, second = runs[0], runs[1]
+    step = second["peak_bytes"] - first["peak_bytes"]
+    cats = list(dict.fromkeys(c for r in runs for c in r["alive_at_peak_bytes"]))
+
+    def line(r0: dict, r1: dict, k: int) -> dict:
+        a, b = r0["alive_at_peak_bytes"], r1["alive_at_peak_bytes"]
+        return {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in cats}
+
+    for n, r in zip(layers[2:], runs[2:]):
+        k = n - layers[0]
+        if r["peak_bytes"] != first["peak_bytes"] + k * step or {
+            c: v for c, v in line(first, second, k).items() if v
+        } != {c: v for c, v in r["alive_at_peak_bytes"].items() if v}:
+            raise RuntimeError(f"{args.shape} {args.stage}: the peak at {n} layers is not on the line of {layers[:2]}")
+        for ph, v in r["phase_peaks_bytes"].items():
+            a, b = first["phase_peaks_bytes"].get(ph), second["phase_peaks_bytes"].get(ph)
+            if a is None or b is None or v != a + k * (b - a):
+                raise RuntimeError(f"{args.shape} {args.stage}: phase {ph}'s peak at {n} layers is off the line")
+    k = depth - layers[0]
+    parts = {c: v for c, v in line(first, second, k).items() if v}
     return {
         "layers": depth,
-        "extrapolated_from_layers": [2, 3],
-        "peak_bytes": two["peak_bytes"] + k * (three["peak_bytes"] - two["peak_bytes"]),
-        "peak_phase": three["peak_phase"],
+        "extrapolated_from_layers": list(layers),
+        "affine_check": "exact" if len(layers) > 2 else "not checked",
+        "peak_bytes": first["peak_bytes"] + k * step,
+        "peak_phase": second["peak_phase"],
         "alive_at_peak_bytes": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
-        "per_layer_bytes": three["peak_bytes"] - two["peak_bytes"],
-        "wall_s": two["wall_s"] + three["wall_s"],
+        "phase_peaks_bytes": {
+            ph: first["phase_peaks_bytes"][ph] + k * (second["phase_peaks_bytes"][ph] - first["phase_peaks_bytes"][ph])
+            for ph in first["phase_peaks_bytes"]
+            if ph in second["phase_peaks_bytes"]
+        },
+        "per_layer_bytes": step,
+        "wall_s": sum(r["wall_s"] for r in runs),
     }
 
 
@@ -543,6 +576,81 @@ def run(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------ every stage at every shape
+
+ALL_SHAPES = ("qwen2.5-0.5b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b")
+ALL_ENTRIES = ("sft", "rm", "dpo", "ppo", "grpo", "rollout-ppo", "rollout-grpo")
+FALLBACK_RECIPES = "llama-3.1-8b"  # a shape without recipes/<shape>/ takes the 8B recipes' settings
+RECORD = Path(__file__).parent / "results" / "memory_traced.json"
+CHECK_LAYERS = (2, 3, 4)  # traced depths: the third checks that the peak is affine in the depth
+
+
+def recipe_argv(shape: str, entry: str) -> tuple[list[str], str]:
+    """The tracer's arguments for `entry` (a stage; rollout-ppo / rollout-grpo: the generation of the PPO or GRPO
+    recipe's rollout) with the settings of recipes/<shape>/ (pipeline.yaml; grpo.yaml for GRPO), and that recipe."""
+    from lowmem_rlhf.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    folder = root / (shape if (root / shape).is_dir() else FALLBACK_RECIPES)
+    recipe = folder / ("grpo.yaml" if entry in ("grpo", "rollout-grpo") else "pipeline.yaml")
+    cfg = load_config(recipe)
+    stage = {"rollout-ppo": "rollout", "rollout-grpo": "rollout"}.get(entry, entry)
+    argv = ["--shape", shape, "--stage", stage, "--lora-r", str(cfg.lora.r), "--dtype", "bfloat16"]
+    argv += ["--chunk-size", str(cfg.model.logprob_chunk_size), "--lora-dropout", str(cfg.lora.dropout)]
+    if cfg.model.compute_dtype not in ("auto", "bfloat16") or cfg.model.quantization != "nf4":
+        raise ValueError(f"{recipe}: the tracer builds NF4 models in bf16 (the CUDA default)")
+    if cfg.lora.target_modules != "all-linear":
+        raise ValueError(f"{recipe}: the tracer puts LoRA on all linear layers")
+    section = {"sft": cfg.sft, "rm": cfg.rm, "dpo": cfg.dpo}.get(stage, cfg.ppo)
+    # auto = paged 8-bit AdamW on CUDA: the same bytes as 8-bit AdamW (paging only moves them out when short)
+    argv += ["--optimizer", "adamw" if section.optimizer == "adamw" else "adamw_8bit"]
+    if stage in ("sft", "rm", "dpo"):
+        argv += ["--batch", str(section.batch_size), "--seq", str(section.max_length)]
+    else:
+        pc = cfg.ppo
+        argv += ["--rollout", str(pc.rollout_batch_size), "--prompt-len", str(pc.max_prompt_length)]
+        argv += ["--new-tokens", str(pc.max_new_tokens), "--micro-batch", str(pc.micro_batch_size)]
+        argv += ["--group-size", str(pc.group_size)]
+        if stage == "rollout":
+            argv += ["--rollout-of", "grpo" if entry == "rollout-grpo" else "ppo"]
+    return argv, str(recipe.relative_to(root.parent))
+
+
+def run_all(out: Path, shapes: list[str], entries: list[str]) -> dict:
+    """Trace every entry at every shape with its recipe's settings (CHECK_LAYERS layers, extended to the depth
+    after checking the rule) and write `out` after each one (entries of other shapes/stages already in `out` kept)."""
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    record.setdefault("traces", {})
+    record["how"] = (
+        f"python -m benchmarks.memory --all: each stage traced with {CHECK_LAYERS[0]}, {CHECK_LAYERS[1]} and "
+        f"{CHECK_LAYERS[2]} decoder layers; the peak, its breakdown and each phase's peak were checked to lie on one "
+        "line in the layer count to the byte, and that line gives the model's depth. Settings: the recipes named; "
+        f"a shape without recipes takes recipes/{FALLBACK_RECIPES}/'s. CUDA allocator's 512-byte blocks and "
+        "bitsandbytes' CUDA dequantize transient modelled."
+    )
+    record["versions"] = compat.check_versions()
+    for shape in shapes:
+        for entry in entries:
+            argv, recipe = recipe_argv(shape, entry)
+            args = parse_args(argv)
+            t0 = time.perf_counter()
+            result = extrapolate(args, CHECK_LAYERS)
+            record["traces"][f"{shape}/{entry}"] = {
+                "shape": shape,
+                "entry": entry,
+                "recipe": recipe,
+                "argv": argv,
+                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "extrapolate", "layers", "all")},
+                **result,
+                "peak_gib": result["peak_bytes"] / GIB,
+            }
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+            print(f"{shape}/{entry}: {result['peak_bytes'] / GIB:.3f} GiB in {result['peak_phase']} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return record
+
+
 def _depth(shape: str) -> int:
     from benchmarks.shapes import SHAPES
 
@@ -563,10 +671,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="sft/rm/dpo: optimizer steps (the second has optimizer state)")
     p.add_argument("--rollout", type=int, default=16, help="ppo/grpo/rollout: prompts per iteration")
     p.add_argument("--group-size", type=int, default=4, help="grpo: samples per prompt")
+    p.add_argument(
+        "--rollout-of", default="ppo", choices=["ppo", "grpo"], help="rollout: the bank and sequences of a PPO or GRPO run"
+    )
+    p.add_argument("--responses", type=int, default=2, help="rm: sequences per prompt (2: pairs; K: a K-way ranking)")
     p.add_argument("--prompt-len", type=int, default=256, help="ppo/grpo/rollout: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="ppo/grpo/rollout: response tokens")
     p.add_argument("--micro-batch", type=int, default=4, help="ppo/grpo: micro- and mini-batch size")
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora.dropout (PPO, GRPO and DPO turn it off)")
     p.add_argument("--chunk-size", type=int, default=ModelConfig.logprob_chunk_size, help="model.logprob_chunk_size")
     p.add_argument(
         "--optimizer", default=None, choices=["adamw", "adamw_8bit"], help="default: adamw_8bit for sft, adamw for ppo"
@@ -575,6 +688,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="trace this many decoder layers")
     p.add_argument("--extrapolate", action="store_true", help="trace 2 and 3 layers and extend to the full depth")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--all",
+        nargs="?",
+        const=str(RECORD),
+        default=None,
+        metavar="OUT",
+        help="trace every stage at every shape with its recipe's settings into OUT "
+        "(default benchmarks/results/memory_traced.json)",
+    )
+    p.add_argument("--only", default=None, help="with --all: comma-separated shapes and/or entries to (re)trace")
     args = p.parse_args(argv)
     if args.optimizer is None:
         args.optimizer = "adamw_8bit" if args.stage in ("sft", "rm", "dpo") else "adamw"
@@ -583,6 +706,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.all:
+        only = set(args.only.split(",")) if args.only else set()
+        shapes = [s for s in ALL_SHAPES if not only & set(ALL_SHAPES) or s in only]
+        entries = [e for e in ALL_ENTRIES if not only & set(ALL_ENTRIES) or e in only]
+        return run_all(Path(args.all), shapes, entries)
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))
