@@ -533,27 +533,46 @@ def extrapolate(args, layers: tuple[int, ...] = (2, 3)) -> dict:
     }
 
 
-def estimate(args) -> dict | None:
-    """`lowmem-rlhf estimate`'s prediction (lowmem_rlhf.model.memory.estimate_stage) for the same settings."""
+def estimate(args) -> dict:
+    """`lowmem-rlhf estimate`'s prediction (lowmem_rlhf.model.memory.estimate_stage) for the traced settings: the
+    largest of the phases the trace covers (ppo/grpo: scoring and update, generation mocked; rollout: generation)."""
     import dataclasses
 
     from lowmem_rlhf.config import config_from_dict
     from lowmem_rlhf.model.memory import estimate_stage, resolve_shape
 
-    if args.stage == "rollout":
-        return None  # the estimator has no rollout-only stage: its PPO phase is the larger of rollout and update
     raw = {
-        "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size},
-        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0},
+        "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size, "compute_dtype": args.dtype},
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": args.lora_dropout},
     }
     if args.stage in ("sft", "rm", "dpo"):
-        raw[args.stage] = {"batch_size": args.batch, "max_length": args.seq, "optimizer": args.optimizer}
+        raw[args.stage] = {
+            "batch_size": args.batch,
+            "max_length": args.seq,
+            "optimizer": args.optimizer,
+            "gradient_accumulation_steps": 1,
+        }
     else:
-        raw["ppo"] = {**dataclasses.asdict(ppo_config(args)), "optimizer": args.optimizer}
-    e = estimate_stage(
-        config_from_dict(raw), resolve_shape(args.shape)[0], "ppo" if args.stage == "grpo" else args.stage
-    )
-    return {"allocated_bytes": e.allocated, "terms_bytes": dict(e.items)}
+        pc = ppo_config(args)
+        if args.stage == "rollout":
+            pc = dataclasses.replace(pc, advantage="grpo" if args.rollout_of == "grpo" else "gae")
+        raw["ppo"] = {**dataclasses.asdict(pc), "optimizer": args.optimizer}
+    kwargs = {"sequences_per_prompt": args.responses} if args.stage == "rm" else {}
+    stage = args.stage if args.stage in ("sft", "rm", "dpo") else "ppo"
+    e = estimate_stage(config_from_dict(raw), resolve_shape(args.shape)[0], stage, **kwargs)
+    if stage == "ppo":
+        traced = [p for p in e.phases if p.startswith("rollout")] if args.stage == "rollout" else [
+            p for p in e.phases if not p.startswith("rollout")
+        ]
+        e.phases = {p: e.phases[p] for p in traced}
+        if args.stage == "rollout":  # traced before the first update: no optimizer state yet
+            e.resident = [(k, b) for k, b in e.resident if not k.startswith("optimizer state")]
+    return {
+        "allocated_bytes": e.allocated,
+        "peak_phase": e.peak_phase,
+        "phases_bytes": {p: e.phase_total(p) for p in e.phases},
+        "terms_bytes": dict(e.items),
+    }
 
 
 def run(args) -> dict:
