@@ -238,6 +238,14 @@ def test_estimate_cli(tmp_path, capsys):
     assert main(["estimate", str(recipe), "--gpu-memory", "6GB", "--json", "--stage", "sft"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert list(report["stages"]) == ["sft"] and report["stages"]["sft"]["fits"] is False
+    # a reward model on 4-way rankings puts 4 sequences of each prompt through one pass: a higher peak
+    peaks = []
+    for k in ("2", "4"):
+        assert main(["estimate", str(recipe), "--stage", "rm", "--json", "--responses-per-prompt", k]) == 0
+        peaks.append(json.loads(capsys.readouterr().out)["stages"]["rm"]["allocated_bytes"])
+    assert peaks[1] > peaks[0]
+    assert main(["estimate", str(recipe), "--stage", "rm", "--responses-per-prompt", "1"]) == 2
+    assert "--responses-per-prompt 1: a ranking has at least 2 responses" in capsys.readouterr().err
     assert main(["estimate", str(recipe), "model.name_or_path=org/unknown-model"]) == 2
     assert "no config.json for 'org/unknown-model'" in capsys.readouterr().err
     assert main(["estimate", str(recipe), "model.name_or_path=org/unknown-model", "--shape", "qwen2.5-7b"]) == 0

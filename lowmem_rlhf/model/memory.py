@@ -495,12 +495,14 @@ def estimate_stage(
     raise ValueError(f"no memory model for stage {stage!r}")
 
 
-def largest_fitting(cfg: RecipeConfig, shape: Shape, stage: str, card: int, what: str) -> int:
-    """The largest batch size (what="batch") or sequence length (what="length") whose peak fits `card` bytes;
-    0 when even 1 does not."""
+def largest_fitting(
+    cfg: RecipeConfig, shape: Shape, stage: str, card: int, what: str, sequences_per_prompt: int = 2
+) -> int:
+    """The largest batch size (what="batch") or sequence length (what="length") whose peak, the largest of the
+    stage's phases, fits `card` bytes; 0 when even 1 does not."""
 
     def fits(n: int) -> bool:
-        e = estimate_stage(cfg, shape, stage, **{what: n})
+        e = estimate_stage(cfg, shape, stage, sequences_per_prompt=sequences_per_prompt, **{what: n})
         return e.device_total <= card
 
     if not fits(1):
@@ -530,9 +532,11 @@ def gb(n: int) -> str:
     return f"{n / GiB:.2f} GB"
 
 
-def estimate_recipe(cfg: RecipeConfig, stages: list[str], shape_name: str | None = None) -> tuple[Shape, str, list]:
+def estimate_recipe(
+    cfg: RecipeConfig, stages: list[str], shape_name: str | None = None, sequences_per_prompt: int = 2
+) -> tuple[Shape, str, list]:
     shape, source = resolve_shape(shape_name or cfg.model.name_or_path)
-    return shape, source, [estimate_stage(cfg, shape, s) for s in stages]
+    return shape, source, [estimate_stage(cfg, shape, s, sequences_per_prompt=sequences_per_prompt) for s in stages]
 
 
 def check_fits(cfg: RecipeConfig, stage: str, device) -> None:
