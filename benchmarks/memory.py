@@ -504,7 +504,7 @@ def extrapolate(args, layers: tuple[int, ...] = (2, 3)) -> dict:
         a, b = r0["alive_at_peak_bytes"], r1["alive_at_peak_bytes"]
         return {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in cats}
 
-    for n, r in zip(layers[2:], runs[2:]):
+    for n, r in zip(layers[2:], runs[2:], strict=True):
         k = n - layers[0]
         if r["peak_bytes"] != first["peak_bytes"] + k * step or {
             c: v for c, v in line(first, second, k).items() if v
@@ -561,9 +561,11 @@ def estimate(args) -> dict:
     stage = args.stage if args.stage in ("sft", "rm", "dpo") else "ppo"
     e = estimate_stage(config_from_dict(raw), resolve_shape(args.shape)[0], stage, **kwargs)
     if stage == "ppo":
-        traced = [p for p in e.phases if p.startswith("rollout")] if args.stage == "rollout" else [
-            p for p in e.phases if not p.startswith("rollout")
-        ]
+        traced = (
+            [p for p in e.phases if p.startswith("rollout")]
+            if args.stage == "rollout"
+            else [p for p in e.phases if not p.startswith("rollout")]
+        )
         e.phases = {p: e.phases[p] for p in traced}
         if args.stage == "rollout":  # traced before the first update: no optimizer state yet
             e.resident = [(k, b) for k, b in e.resident if not k.startswith("optimizer state")]
@@ -665,9 +667,28 @@ def run_all(out: Path, shapes: list[str], entries: list[str]) -> dict:
             }
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
-            print(f"{shape}/{entry}: {result['peak_bytes'] / GIB:.3f} GiB in {result['peak_phase']} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{shape}/{entry}: {result['peak_bytes'] / GIB:.3f} GiB in {result['peak_phase']} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     return record
+
+
+def error_table(record: dict) -> str:
+    """docs/performance.md's table: each traced entry's peak, the estimator's and its error (estimate / traced - 1)."""
+    rows = [
+        "| shape | stage | recipe | traced peak (GiB) | where | estimate (GiB) | its phase | error |",
+        "|" + " --- |" * 8,
+    ]
+    for r in record["traces"].values():
+        e = estimate(parse_args(r["argv"]))
+        err = e["allocated_bytes"] / r["peak_bytes"] - 1
+        rows.append(
+            f"| {r['shape']} | {r['entry']} | {r['recipe']} | {r['peak_bytes'] / GIB:.3f} | {r['peak_phase']} | "
+            f"{e['allocated_bytes'] / GIB:.3f} | {e['peak_phase']} | {err:+.2%} |"
+        )
+    return "\n".join(rows)
 
 
 def _depth(shape: str) -> int:
@@ -691,7 +712,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rollout", type=int, default=16, help="ppo/grpo/rollout: prompts per iteration")
     p.add_argument("--group-size", type=int, default=4, help="grpo: samples per prompt")
     p.add_argument(
-        "--rollout-of", default="ppo", choices=["ppo", "grpo"], help="rollout: the bank and sequences of a PPO or GRPO run"
+        "--rollout-of",
+        default="ppo",
+        choices=["ppo", "grpo"],
+        help="rollout: the bank and sequences of a PPO or GRPO run",
     )
     p.add_argument("--responses", type=int, default=2, help="rm: sequences per prompt (2: pairs; K: a K-way ranking)")
     p.add_argument("--prompt-len", type=int, default=256, help="ppo/grpo/rollout: prompt tokens")
@@ -716,6 +740,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trace every stage at every shape with its recipe's settings into OUT "
         "(default benchmarks/results/memory_traced.json)",
     )
+    p.add_argument("--table", metavar="RECORD", help="print the estimator's error against a --all record, and exit")
     p.add_argument("--only", default=None, help="with --all: comma-separated shapes and/or entries to (re)trace")
     args = p.parse_args(argv)
     if args.optimizer is None:
@@ -729,7 +754,12 @@ def main(argv: list[str] | None = None) -> dict:
         only = set(args.only.split(",")) if args.only else set()
         shapes = [s for s in ALL_SHAPES if not only & set(ALL_SHAPES) or s in only]
         entries = [e for e in ALL_ENTRIES if not only & set(ALL_ENTRIES) or e in only]
-        return run_all(Path(args.all), shapes, entries)
+        record = run_all(Path(args.all), shapes, entries)
+        print(error_table(record))
+        return record
+    if args.table:
+        print(error_table(json.loads(Path(args.table).read_text())))
+        return {}
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))

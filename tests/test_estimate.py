@@ -88,7 +88,9 @@ def test_llama_3_1_8b_by_hand():
     assert e.allocated == sum(resident.values()) + sum(chunk.values()) == sum(dict(e.items).values())
     # with the recipe's 2 x 2048 tokens the recomputed layer outweighs the chunk, and accumulating micro-batches
     # keeps the fp32 gradients alive
-    recipe = estimate_stage(cfg(sft={"batch_size": 2, "max_length": 2048, "gradient_accumulation_steps": 8}), shape, "sft")
+    recipe = estimate_stage(
+        cfg(sft={"batch_size": 2, "max_length": 2048, "gradient_accumulation_steps": 8}), shape, "sft"
+    )
     assert recipe.peak_phase == "backward: recomputed layer"
     assert dict(recipe.resident)["gradients of trainable LoRA/head (fp32, accumulated)"] == 4 * lora
     # LoRA dropout keeps each LoRA input's dropped-out copy and its mask

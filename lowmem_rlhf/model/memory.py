@@ -1,22 +1,24 @@
 """Peak GPU memory of each stage, predicted from the model's config.json alone (no weights loaded).
 
-Every term is counted from shapes, in bytes:
+A stage's peak is what is alive for the whole stage plus the largest of its phases, each phase counting
+the tensors alive in it (in bytes, from shapes, each tensor in the CUDA caching allocator's 512-byte
+blocks):
 
-- the frozen base: quantized linear weights (NF4/FP4: half a byte per weight, plus one absmax per
-  64-weight block, itself quantized to 8 bits with one fp32 constant per 256 blocks under double
-  quantization; int8: one byte per weight plus one fp32 scale per output row), and the unquantized
-  embeddings, `lm_head` (unless tied), norms and biases in the compute dtype;
-- LoRA adapters (fp32) for every role the stage holds, scalar heads, and for the trainable roles
-  their gradients and optimizer state (AdamW 32-bit: 8 bytes per parameter; 8-bit AdamW: 2, except
-  tensors under 4096 elements, which bitsandbytes keeps in 32 bits);
-- activations under gradient checkpointing: every layer's input is kept, one layer is recomputed at
-  a time, and the log-probs are computed in `model.logprob_chunk_size` chunks (pitfall 11);
-- for RL, the rollout's KV cache and per-step logits, which are alive when the training
-  activations are not (the peak is the larger phase);
-- the CUDA context (not counted by `torch.cuda.max_memory_allocated`, but it occupies the card).
+- resident: the frozen base (quantized linear weights: NF4/FP4 half a byte per weight, their
+  quantization constants; embeddings, `lm_head` unless tied, norms, biases and rotary buffers in the
+  compute dtype), the fp32 LoRA adapters of every role the stage holds, bias-free fp32 scalar heads,
+  the trainable roles' optimizer state, and their fp32 gradients when micro-batches accumulate;
+- a training pass under gradient checkpointing (`Activations`): the backward of a log-prob chunk (every
+  layer's checkpointed input, the final norm, one chunk's logits at 6 bytes per logit in bf16) or of one
+  recomputed layer (its saved tensors and MLP gradients);
+- RL: the rollout's prefill (KV cache of the prompts, one layer's forward) and last decode step (the
+  full KV cache, one layer's K and V being extended, the last position's logits), the scoring passes.
 
+The phases and their sizes are those `benchmarks/memory.py` traces in the stages' own code on fake
+tensors; `tests/test_estimate.py` holds every stage at four real shapes within 5% of the recorded traces.
 Sequences are assumed to fill `max_length` (RL: the prompt limit plus `max_new_tokens`), so the
-prediction is the peak of a run whose batches are full; shorter data peaks lower.
+prediction is the peak of a run whose batches are full; shorter data peaks lower. The CUDA context is
+added when deciding whether a stage fits.
 """
 
 from __future__ import annotations
@@ -205,12 +207,6 @@ def lora_tensors(shape: Shape, r: int, targets: list[str] | str) -> list[int]:
     return out * shape.layers
 
 
-def optimizer_bytes(tensors: list[int], optimizer: str) -> int:
-    if optimizer == "adamw":
-        return 8 * sum(tensors)
-    return sum(2 * n + 8 * math.ceil(n / 256) if n >= MIN_8BIT_SIZE else 8 * n for n in tensors)
-
-
 def rounded(n: int) -> int:
     """Bytes the CUDA caching allocator gives a tensor of n bytes: whole 512-byte blocks."""
     return -(-n // ALLOC_BLOCK) * ALLOC_BLOCK
@@ -255,7 +251,8 @@ def optimizer_state_bytes(tensors: list[int], optimizer: str) -> int:
     # bitsandbytes 8-bit AdamW: two uint8 moments with an fp32 maximum per 256 elements, two shared 256-entry
     # fp32 maps; tensors under 4096 elements keep two fp32 moments
     state = sum(
-        2 * (rounded(n) + rounded(4 * math.ceil(n / 256))) if n >= MIN_8BIT_SIZE else 2 * rounded(4 * n) for n in tensors
+        2 * (rounded(n) + rounded(4 * math.ceil(n / 256))) if n >= MIN_8BIT_SIZE else 2 * rounded(4 * n)
+        for n in tensors
     )
     return state + 2 * rounded(4 * 256)
 
@@ -306,7 +303,12 @@ class Activations:
         if grad:
             items.append(("activations: causal mask", rounded(self.seqs * self.length**2)))
             if not response_only:  # the gradient of the shifted hidden states, (b, t - 1, d)
-                items.append(("activations: gradient of the shifted hidden states", rounded(self.seqs * (self.length - 1) * d * self.cb)))
+                items.append(
+                    (
+                        "activations: gradient of the shifted hidden states",
+                        rounded(self.seqs * (self.length - 1) * d * self.cb),
+                    )
+                )
         return items
 
     def recomputed_layer(self) -> list[tuple[str, int]]:
@@ -330,7 +332,12 @@ class Activations:
     def prefill_layer(self) -> list[tuple[str, int]]:
         """One decoder layer's forward without gradients (prefill, scoring): four intermediate-wide and four
         hidden-wide tensors at its MLP."""
-        return [("activations: one layer's forward", 4 * self.unit(self.shape.intermediate) + 4 * self.unit(self.shape.hidden))]
+        return [
+            (
+                "activations: one layer's forward",
+                4 * self.unit(self.shape.intermediate) + 4 * self.unit(self.shape.hidden),
+            )
+        ]
 
 
 @dataclass
@@ -399,9 +406,15 @@ def estimate_stage(
     cb = compute_bytes_of(cfg)
     base = base_tensors(shape, mc.quantization, mc.double_quant, cb)
     resident = [
-        ("base: quantized linear weights" if mc.quantization != "none" else "base: linear weights", tensor_bytes(base["weights"])),
+        (
+            "base: quantized linear weights" if mc.quantization != "none" else "base: linear weights",
+            tensor_bytes(base["weights"]),
+        ),
         ("base: quantization constants", tensor_bytes(base["constants"])),
-        ("base: embeddings, lm_head, norms (unquantized)", tensor_bytes(base["unquantized"]) + tensor_bytes(base["buffers"])),
+        (
+            "base: embeddings, lm_head, norms (unquantized)",
+            tensor_bytes(base["unquantized"]) + tensor_bytes(base["buffers"]),
+        ),
     ]
     adapter = lora_tensors(shape, lc.r, lc.target_modules)
     adapter_bytes = tensor_bytes([4 * n for n in adapter])
@@ -413,7 +426,9 @@ def estimate_stage(
         tensors = adapter * trainable + [shape.hidden] * n_heads
         items = [(f"optimizer state ({optimizer_name(opt)})", optimizer_state_bytes(tensors, optimizer_name(opt)))]
         if accumulating:
-            items.append(("gradients of trainable LoRA/head (fp32, accumulated)", tensor_bytes([4 * n for n in tensors])))
+            items.append(
+                ("gradients of trainable LoRA/head (fp32, accumulated)", tensor_bytes([4 * n for n in tensors]))
+            )
         return items
 
     def acts(seqs: int, seq_len: int, dropout: bool) -> Activations:
@@ -479,7 +494,10 @@ def estimate_stage(
             # the dynamic cache grows by one position a step, each layer's K and V copied as it grows
             "rollout: last decode step": [
                 ("rollout: KV cache", n_gen * s * kv_row),
-                ("rollout: one layer's K and V being extended", 0 if static else 2 * n_gen * s * kv_row // shape.layers),
+                (
+                    "rollout: one layer's K and V being extended",
+                    0 if static else 2 * n_gen * s * kv_row // shape.layers,
+                ),
                 ("rollout: last-position logits and sampling probabilities (fp32)", n_gen * shape.vocab * (cb + 4 + 4)),
             ],
         }
