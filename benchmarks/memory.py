@@ -691,6 +691,19 @@ def error_table(record: dict) -> str:
     return "\n".join(rows)
 
 
+DOCS_BEGIN = "<!-- error table: python -m benchmarks.memory --table benchmarks/results/memory_traced.json"
+DOCS_END = "<!-- end of error table -->"
+
+
+def write_docs_table(docs: Path, table: str) -> None:
+    """Replace the error table between DOCS_BEGIN's line and DOCS_END in `docs` (docs/performance.md)."""
+    text = docs.read_text()
+    start = text.index(DOCS_BEGIN)
+    start = text.index("\n", start) + 1
+    end = text.index(DOCS_END)
+    docs.write_text(text[:start] + table + "\n" + text[end:])
+
+
 def _depth(shape: str) -> int:
     from benchmarks.shapes import SHAPES
 
@@ -741,6 +754,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default benchmarks/results/memory_traced.json)",
     )
     p.add_argument("--table", metavar="RECORD", help="print the estimator's error against a --all record, and exit")
+    p.add_argument("--docs", metavar="MD", help="with --table: write the table into MD (docs/performance.md)")
     p.add_argument("--only", default=None, help="with --all: comma-separated shapes and/or entries to (re)trace")
     args = p.parse_args(argv)
     if args.optimizer is None:
@@ -758,7 +772,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(error_table(record))
         return record
     if args.table:
-        print(error_table(json.loads(Path(args.table).read_text())))
+        table = error_table(json.loads(Path(args.table).read_text()))
+        print(table)
+        if args.docs:
+            write_docs_table(Path(args.docs), table)
         return {}
     result = run(args)
     if args.json:
