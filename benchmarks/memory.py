@@ -64,6 +64,7 @@ class MemoryTracer(TorchDispatchMode):
         self.snapshot_grads: set[int] = set()
         self.params: list[torch.nn.Parameter] = []  # trainable parameters, whose .grad is told apart at the peak
         self.phase_peaks: dict[str, int] = {}
+        self.phase_snapshots: dict[str, tuple[dict, set, int]] = {}  # phase -> (live, grads, transient) at its peak
         self.transient_calls = 0
 
     def set_phase(self, phase: str) -> None:
@@ -95,10 +96,11 @@ class MemoryTracer(TorchDispatchMode):
         now = self.current + transient
         if now > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = now
+            grads = {id(p.grad.untyped_storage()) for p in self.params if p.grad is not None}
+            self.phase_snapshots[self.phase] = (dict(self.live), grads, transient)
         if now > self.peak:
             self.peak, self.peak_phase, self.peak_transient = now, self.phase, transient
-            self.snapshot = dict(self.live)
-            self.snapshot_grads = {id(p.grad.untyped_storage()) for p in self.params if p.grad is not None}
+            self.snapshot, self.snapshot_grads = self.phase_snapshots[self.phase][:2]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,27 +118,33 @@ class MemoryTracer(TorchDispatchMode):
         self._bump(transient)  # the dequantized weight is alive while the op writes its output
         return out
 
-    def breakdown(self, named: dict[int, str], vocab: int, kv_shape: tuple[int, int] | None) -> dict[str, int]:
-        """Bytes alive at the peak by category. named: id(storage) -> category of tensors alive at the end
-        (weights, LoRA, optimizer state); the rest is told apart by when and what it was allocated."""
+    def breakdown(
+        self, named: dict[int, str], vocab: int, kv_shape: tuple[int, int] | None, at: str | None = None
+    ) -> dict[str, int]:
+        """Bytes alive at the peak (of phase `at`) by category. named: id(storage) -> category of tensors alive
+        at the end (weights, LoRA, optimizer state); the rest is told apart by when and what it was allocated."""
+        at = at or self.peak_phase
+        snapshot, grads, transient = self.phase_snapshots[at]
         out: dict[str, int] = {}
-        for key, (ref, n, (phase, shape)) in self.snapshot.items():
+        for key, (ref, n, (phase, shape)) in snapshot.items():
             storage = ref()
-            if key in self.snapshot_grads:
+            if key in grads:
                 cat = "gradients (LoRA, heads)"
             elif storage is not None and key in named:
                 cat = named[key]
             elif shape and shape[-1] == vocab:
                 cat = "logits chunk (and its gradient)"
-            elif kv_shape and len(shape) == 4 and (shape[1], shape[3]) == kv_shape and phase == self.peak_phase:
+            elif (
+                kv_shape and len(shape) == 4 and (shape[1], shape[3]) == kv_shape and phase.split(":")[0] == "generate"
+            ):
                 cat = "KV cache"
-            elif phase != self.peak_phase and phase.split(":")[0] != self.peak_phase.split(":")[0]:
+            elif phase != at and phase.split(":")[0] != at.split(":")[0]:
                 cat = f"kept from {phase.split(':')[0]}"
             else:
                 cat = "activations"
             out[cat] = out.get(cat, 0) + n
-        if self.peak_transient:
-            out["bitsandbytes dequantize transient"] = self.peak_transient
+        if transient:
+            out["bitsandbytes dequantize transient"] = transient
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -420,7 +428,14 @@ def run_rollout(args, model, tracer: MemoryTracer):
     bank = _rl_bank(args, model)
     n = args.rollout * (args.group_size if args.rollout_of == "grpo" else 1)
     prompts = [[TOKEN] * args.prompt_len for _ in range(n)]
-    tracer.set_phase("generate")
+    calls = []
+
+    def phase(module, inputs):  # the first forward is the prefill, every later one a decode step
+        tracer.set_phase("generate:decode" if calls else "generate:prefill")
+        calls.append(1)
+
+    model.register_forward_pre_hook(phase)
+    tracer.set_phase("generate:prefill")
     generate(
         bank,
         "policy",
@@ -474,61 +489,60 @@ def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True
         tracer.set_phase("setup")
         bank, optimizer = RUNNERS[args.stage](args, model, tracer)
         named = named_storages(model, bank, optimizer)
-        parts = tracer.breakdown(named, spec["vocab_size"], kv_shape if args.stage == "rollout" else None)
+        kv = kv_shape if args.stage == "rollout" else None
+        parts = tracer.breakdown(named, spec["vocab_size"], kv)
+        phase_parts = {ph: tracer.breakdown(named, spec["vocab_size"], kv, ph) for ph in tracer.phase_snapshots}
     return {
         "layers": layers or spec["num_hidden_layers"],
         "peak_bytes": tracer.peak,
         "peak_phase": tracer.peak_phase,
         "alive_at_peak_bytes": parts,
         "phase_peaks_bytes": tracer.phase_peaks,
+        "phase_alive_bytes": phase_parts,
         "wall_s": time.perf_counter() - t0,
     }
 
 
 def extrapolate(args, layers: tuple[int, ...] = (2, 3)) -> dict:
-    """Trace `layers` decoder layers (consecutive counts) and extend the per-layer difference to the shape's depth
-    (see the module docstring). With three or more counts the rule is checked first: every count's peak and
-    breakdown must lie on one line, to the byte, and peak in the same phase; otherwise RuntimeError."""
+    """Trace `layers` decoder layers (consecutive counts) and extend each phase's per-layer difference to the
+    shape's depth (see the module docstring); the peak is the largest phase at that depth (phases grow at different
+    rates: the rollout's decode step holds a KV cache per layer twice its prefill's). With three or more counts the
+    rule is checked first: every phase's peak and what is alive at it must lie on one line, to the byte; otherwise
+    RuntimeError."""
     from benchmarks.shapes import SHAPES
 
     depth = SHAPES[args.shape]["num_hidden_layers"]
     runs = [trace(args, n) for n in layers]
-    phases = {r["peak_phase"] for r in runs}
-    if len(phases) > 1:
-        raise RuntimeError(f"{layers} layers peak in different phases ({', '.join(sorted(phases))})")
     first, second = runs[0], runs[1]
-    step = second["peak_bytes"] - first["peak_bytes"]
-    cats = list(dict.fromkeys(c for r in runs for c in r["alive_at_peak_bytes"]))
+    phases = [ph for ph in first["phase_peaks_bytes"] if ph in second["phase_peaks_bytes"]]
 
-    def line(r0: dict, r1: dict, k: int) -> dict:
-        a, b = r0["alive_at_peak_bytes"], r1["alive_at_peak_bytes"]
-        return {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in cats}
+    def peak(ph: str, k: int) -> int:
+        a, b = first["phase_peaks_bytes"][ph], second["phase_peaks_bytes"][ph]
+        return a + k * (b - a)
+
+    def alive(ph: str, k: int) -> dict[str, int]:
+        a, b = first["phase_alive_bytes"][ph], second["phase_alive_bytes"][ph]
+        line = {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in dict.fromkeys([*a, *b])}
+        return {c: v for c, v in line.items() if v}
 
     for n, r in zip(layers[2:], runs[2:], strict=True):
         k = n - layers[0]
-        if r["peak_bytes"] != first["peak_bytes"] + k * step or {
-            c: v for c, v in line(first, second, k).items() if v
-        } != {c: v for c, v in r["alive_at_peak_bytes"].items() if v}:
-            raise RuntimeError(f"{args.shape} {args.stage}: the peak at {n} layers is not on the line of {layers[:2]}")
-        for ph, v in r["phase_peaks_bytes"].items():
-            a, b = first["phase_peaks_bytes"].get(ph), second["phase_peaks_bytes"].get(ph)
-            if a is None or b is None or v != a + k * (b - a):
+        for ph in phases:
+            if r["phase_peaks_bytes"].get(ph) != peak(ph, k) or alive(ph, k) != {
+                c: v for c, v in r["phase_alive_bytes"][ph].items() if v
+            }:
                 raise RuntimeError(f"{args.shape} {args.stage}: phase {ph}'s peak at {n} layers is off the line")
     k = depth - layers[0]
-    parts = {c: v for c, v in line(first, second, k).items() if v}
+    top = max(phases, key=lambda ph: peak(ph, k))
     return {
         "layers": depth,
         "extrapolated_from_layers": list(layers),
         "affine_check": "exact" if len(layers) > 2 else "not checked",
-        "peak_bytes": first["peak_bytes"] + k * step,
-        "peak_phase": second["peak_phase"],
-        "alive_at_peak_bytes": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
-        "phase_peaks_bytes": {
-            ph: first["phase_peaks_bytes"][ph] + k * (second["phase_peaks_bytes"][ph] - first["phase_peaks_bytes"][ph])
-            for ph in first["phase_peaks_bytes"]
-            if ph in second["phase_peaks_bytes"]
-        },
-        "per_layer_bytes": step,
+        "peak_bytes": peak(top, k),
+        "peak_phase": top,
+        "alive_at_peak_bytes": dict(sorted(alive(top, k).items(), key=lambda kv: -kv[1])),
+        "phase_peaks_bytes": {ph: peak(ph, k) for ph in phases},
+        "per_layer_bytes": second["phase_peaks_bytes"][top] - first["phase_peaks_bytes"][top],
         "wall_s": sum(r["wall_s"] for r in runs),
     }
 

@@ -491,14 +491,18 @@ def estimate_stage(
                 *prefill.common(),
                 *prefill.prefill_layer(),
             ],
-            # the dynamic cache grows by one position a step, each layer's K and V copied as it grows
+            # the last step: the cache at its full length (the dynamic one holds every position but the last
+            # token's), and either the step's logits being sampled (compute dtype, three fp32 copies) or, in a
+            # layer's MLP, the last step's fp32 logits and probabilities beside bitsandbytes' dequantized weight
             "rollout: last decode step": [
-                ("rollout: KV cache", n_gen * s * kv_row),
+                ("rollout: KV cache", n_gen * (s if static else s - 1) * kv_row),
                 (
-                    "rollout: one layer's K and V being extended",
-                    0 if static else 2 * n_gen * s * kv_row // shape.layers,
+                    "rollout: sampling logits, or the previous step's beside the dequantized largest weight",
+                    max(
+                        n_gen * shape.vocab * (cb + 12),
+                        n_gen * shape.vocab * 8 + max(fi * fo for _, fi, fo, _ in shape.linears()) * cb,
+                    ),
                 ),
-                ("rollout: last-position logits and sampling probabilities (fp32)", n_gen * shape.vocab * (cb + 4 + 4)),
             ],
         }
         update = acts(mb, s, False)
