@@ -148,10 +148,14 @@ def test_qwen2_5_0_5b_by_hand():
     assert e.peak_phase == "update backward: log-prob chunk"
     big = estimate_stage(replace(c, ppo=replace(c.ppo, rollout_batch_size=256)), shape, "ppo")
     # 256 rows: the prefill's one-layer activations (4 x 896 + 4 x 4864 per prompt token) are the peak; the dynamic
-    # cache at the last step holds every position
+    # cache at the last step holds every position but the last token's, beside the step's logits (2 + 3 x 4 bytes)
     assert big.peak_phase == "rollout: prefill"
     assert dict(big.items)["activations: one layer's forward"] == 256 * 128 * 2 * (4 * 896 + 4 * 4864)
-    assert dict(big.phases["rollout: last decode step"])["rollout: KV cache"] == 256 * 256 * 2 * 24 * 128 * 2
+    last = dict(big.phases["rollout: last decode step"])
+    assert last["rollout: KV cache"] == 256 * 255 * 2 * 24 * 128 * 2
+    assert last["rollout: sampling logits, or the previous step's beside the dequantized largest weight"] == (
+        256 * 151_936 * 14
+    )
     # generating 32 sequences per call bounds the cache at 32 rows, and the update phase is the peak again
     chunked_cfg = replace(c, ppo=replace(c.ppo, rollout_batch_size=256, generation_batch_size=32))
     chunked = estimate_stage(chunked_cfg, shape, "ppo")
@@ -160,7 +164,7 @@ def test_qwen2_5_0_5b_by_hand():
     # calls of 128 of 1024 rollout rows (GRPO, 4 per prompt): the rollout is the peak again, with 128 rows
     grpo = replace(c.ppo, rollout_batch_size=256, advantage="grpo", group_size=4, generation_batch_size=128)
     calls = estimate_stage(replace(c, ppo=grpo), shape, "ppo")
-    assert dict(calls.phases["rollout: last decode step"])["rollout: KV cache"] == 128 * 256 * 2 * 24 * 128 * 2
+    assert dict(calls.phases["rollout: last decode step"])["rollout: KV cache"] == 128 * 255 * 2 * 24 * 128 * 2
     # a batch size above the rollout's rows is the rollout's rows, unless compiled calls are filled up to it
     wide = replace(c.ppo, rollout_batch_size=256, generation_batch_size=4096)
     assert estimate_stage(replace(c, ppo=wide), shape, "ppo").items == big.items
