@@ -14,9 +14,11 @@ op runs. The peak is what `torch.cuda.max_memory_allocated()` would report for t
 ops allocate inside themselves and never return (workspaces, kernel temporaries).
 
 `--layers N` traces N decoder layers instead of all of them; `--extrapolate` traces 2 and 3 layers and
-extends the per-layer difference to the model's depth (exact when both traces peak at the same place:
-every per-layer term, from weights to checkpointed inputs, is linear in the depth; checked in
-docs/performance.md against a full trace). Library internals the tracer needs are in
+extends each phase's per-layer difference to the model's depth, the largest phase being the peak (every
+per-layer term, from weights to checkpointed inputs and the KV cache, is linear in the depth; checked in
+docs/performance.md against a full trace). `--all` traces every stage at four shapes with their recipes'
+settings at 2, 3 and 4 layers, checking each phase's line, into benchmarks/results/memory_traced.json.
+Library internals the tracer needs are in
 `benchmarks.memtrace_compat`.
 """
 
@@ -658,8 +660,9 @@ def run_all(out: Path, shapes: list[str], entries: list[str]) -> dict:
     record.setdefault("traces", {})
     record["how"] = (
         f"python -m benchmarks.memory --all: each stage traced with {CHECK_LAYERS[0]}, {CHECK_LAYERS[1]} and "
-        f"{CHECK_LAYERS[2]} decoder layers; the peak, its breakdown and each phase's peak were checked to lie on one "
-        "line in the layer count to the byte, and that line gives the model's depth. Settings: the recipes named; "
+        f"{CHECK_LAYERS[2]} decoder layers; each phase's peak and what is alive at it were checked to lie on one "
+        "line in the layer count to the byte; each phase is extended on its line to the model's depth and the "
+        "largest is the peak. Settings: the recipes named; "
         f"a shape without recipes takes recipes/{FALLBACK_RECIPES}/'s. CUDA allocator's 512-byte blocks and "
         "bitsandbytes' CUDA dequantize transient modelled."
     )
