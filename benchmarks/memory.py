@@ -698,7 +698,12 @@ def error_table(record: dict) -> str:
         "| shape | stage | recipe | traced peak (GiB) | where | estimate (GiB) | its phase | error |",
         "|" + " --- |" * 8,
     ]
-    for r in record["traces"].values():
+
+    def order(r: dict) -> tuple:
+        known = r["shape"] in ALL_SHAPES and r["entry"] in ALL_ENTRIES
+        return (ALL_SHAPES.index(r["shape"]), ALL_ENTRIES.index(r["entry"])) if known else (len(ALL_SHAPES), 0)
+
+    for r in sorted(record["traces"].values(), key=order):
         e = estimate(parse_args(r["argv"]))
         err = e["allocated_bytes"] / r["peak_bytes"] - 1
         rows.append(
