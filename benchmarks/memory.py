@@ -14,9 +14,11 @@ op runs. The peak is what `torch.cuda.max_memory_allocated()` would report for t
 ops allocate inside themselves and never return (workspaces, kernel temporaries).
 
 `--layers N` traces N decoder layers instead of all of them; `--extrapolate` traces 2 and 3 layers and
-extends the per-layer difference to the model's depth (exact when both traces peak at the same place:
-every per-layer term, from weights to checkpointed inputs, is linear in the depth; checked in
-docs/performance.md against a full trace). Library internals the tracer needs are in
+extends each phase's per-layer difference to the model's depth, the largest phase being the peak (every
+per-layer term, from weights to checkpointed inputs and the KV cache, is linear in the depth; checked in
+docs/performance.md against a full trace). `--all` traces every stage at four shapes with their recipes'
+settings at 2, 3 and 4 layers, checking each phase's line, into benchmarks/results/memory_traced.json.
+Library internals the tracer needs are in
 `benchmarks.memtrace_compat`.
 """
 
@@ -64,6 +66,7 @@ class MemoryTracer(TorchDispatchMode):
         self.snapshot_grads: set[int] = set()
         self.params: list[torch.nn.Parameter] = []  # trainable parameters, whose .grad is told apart at the peak
         self.phase_peaks: dict[str, int] = {}
+        self.phase_snapshots: dict[str, tuple[dict, set, int]] = {}  # phase -> (live, grads, transient) at its peak
         self.transient_calls = 0
 
     def set_phase(self, phase: str) -> None:
@@ -95,10 +98,11 @@ class MemoryTracer(TorchDispatchMode):
         now = self.current + transient
         if now > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = now
+            grads = {id(p.grad.untyped_storage()) for p in self.params if p.grad is not None}
+            self.phase_snapshots[self.phase] = (dict(self.live), grads, transient)
         if now > self.peak:
             self.peak, self.peak_phase, self.peak_transient = now, self.phase, transient
-            self.snapshot = dict(self.live)
-            self.snapshot_grads = {id(p.grad.untyped_storage()) for p in self.params if p.grad is not None}
+            self.snapshot, self.snapshot_grads = self.phase_snapshots[self.phase][:2]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,27 +120,33 @@ class MemoryTracer(TorchDispatchMode):
         self._bump(transient)  # the dequantized weight is alive while the op writes its output
         return out
 
-    def breakdown(self, named: dict[int, str], vocab: int, kv_shape: tuple[int, int] | None) -> dict[str, int]:
-        """Bytes alive at the peak by category. named: id(storage) -> category of tensors alive at the end
-        (weights, LoRA, optimizer state); the rest is told apart by when and what it was allocated."""
+    def breakdown(
+        self, named: dict[int, str], vocab: int, kv_shape: tuple[int, int] | None, at: str | None = None
+    ) -> dict[str, int]:
+        """Bytes alive at the peak (of phase `at`) by category. named: id(storage) -> category of tensors alive
+        at the end (weights, LoRA, optimizer state); the rest is told apart by when and what it was allocated."""
+        at = at or self.peak_phase
+        snapshot, grads, transient = self.phase_snapshots[at]
         out: dict[str, int] = {}
-        for key, (ref, n, (phase, shape)) in self.snapshot.items():
+        for key, (ref, n, (phase, shape)) in snapshot.items():
             storage = ref()
-            if key in self.snapshot_grads:
+            if key in grads:
                 cat = "gradients (LoRA, heads)"
             elif storage is not None and key in named:
                 cat = named[key]
             elif shape and shape[-1] == vocab:
                 cat = "logits chunk (and its gradient)"
-            elif kv_shape and len(shape) == 4 and (shape[1], shape[3]) == kv_shape and phase == self.peak_phase:
+            elif (
+                kv_shape and len(shape) == 4 and (shape[1], shape[3]) == kv_shape and phase.split(":")[0] == "generate"
+            ):
                 cat = "KV cache"
-            elif phase != self.peak_phase and phase.split(":")[0] != self.peak_phase.split(":")[0]:
+            elif phase != at and phase.split(":")[0] != at.split(":")[0]:
                 cat = f"kept from {phase.split(':')[0]}"
             else:
                 cat = "activations"
             out[cat] = out.get(cat, 0) + n
-        if self.peak_transient:
-            out["bitsandbytes dequantize transient"] = self.peak_transient
+        if transient:
+            out["bitsandbytes dequantize transient"] = transient
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -260,7 +270,7 @@ def _lora(args):
     from lowmem_rlhf.config import LoRAConfig
     from lowmem_rlhf.model.bank import lora_config
 
-    return lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
+    return lora_config(LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=args.lora_dropout))
 
 
 def _sequences(n: int, length: int) -> dict:
@@ -289,7 +299,8 @@ def run_sft(args, model, tracer: MemoryTracer):
 
 
 def run_rm(args, model, tracer: MemoryTracer):
-    """The reward stage's step (TrainLoop with rm_loss_sum): `batch` pairs, chosen and rejected in one pass."""
+    """The reward stage's step (TrainLoop with rm_loss_sum) on `batch` prompts of `responses` sequences each, as
+    collate_groups makes them: every sequence scored once, all C(responses, 2) pairs of a prompt from its scores."""
     from lowmem_rlhf.config import RewardConfig
     from lowmem_rlhf.model.bank import AdapterBank
     from lowmem_rlhf.stages.rm import rm_loss_sum
@@ -297,9 +308,13 @@ def run_rm(args, model, tracer: MemoryTracer):
     cfg = RewardConfig(batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq)
     bank = AdapterBank(model, gradient_checkpointing=True)
     bank.add_role("reward", lora=_lora(args), trainable=True, head=True)
-    batch = _sequences(2 * args.batch, args.seq)  # chosen rows, then rejected rows
-    batch["weights"] = torch.ones(args.batch)
-    batch["margins"] = torch.zeros(args.batch)
+    k = args.responses
+    batch = _sequences(k * args.batch, args.seq)  # each prompt's k responses, best first
+    pairs = [(g * k + i, g * k + j) for g in range(args.batch) for i in range(k) for j in range(i + 1, k)]
+    batch["chosen_index"] = torch.tensor([c for c, _ in pairs])
+    batch["rejected_index"] = torch.tensor([r for _, r in pairs])
+    batch["weights"] = torch.full((len(pairs),), 1.0 / math.comb(k, 2))
+    batch["margins"] = torch.zeros(len(pairs))
     head = bank.head("reward")
     loss_fn = lambda m, b: rm_loss_sum(m, head, b, cfg.use_margin, cfg.center_coef)  # noqa: E731
     return bank, _train_steps(args, tracer, bank, "reward", cfg, batch, loss_fn, float(args.batch))
@@ -325,7 +340,7 @@ def run_dpo(args, model, tracer: MemoryTracer):
 
 def _rl_bank(args, model):
     """The RL stage's roles as build_rl_bank makes them: policy, reference copy, reward + head, and for PPO a
-    value role (a trainable copy of the reward role: critic "separate"); GRPO has no critic."""
+    value role (a trainable copy of the reward role: critic "separate"); GRPO (and a GRPO rollout) has no critic."""
     from lowmem_rlhf.model.bank import AdapterBank
 
     bank = AdapterBank(model, gradient_checkpointing=True)
@@ -333,7 +348,7 @@ def _rl_bank(args, model):
     bank.add_role("policy", lora=lora, trainable=True)
     bank.add_role("reference", copy_of="policy", head=False)
     bank.add_role("reward", lora=lora, head=True)
-    if args.stage != "grpo":
+    if args.stage != "grpo" and not (args.stage == "rollout" and args.rollout_of == "grpo"):
         bank.add_role("value", copy_of="reward", trainable=True, head=True)
     return bank
 
@@ -408,12 +423,21 @@ def run_ppo(args, model, tracer: MemoryTracer):
 
 
 def run_rollout(args, model, tracer: MemoryTracer):
-    """rollout.generate from the policy of the PPO bank: prefill of `rollout` prompts, then decoding."""
+    """rollout.generate from the policy of the PPO bank (or the GRPO bank, `--rollout-of grpo`: `group-size`
+    samples of each prompt, as PPOTrainer.rollout repeats them): prefill of every sequence, then decoding."""
     from lowmem_rlhf.rollout.generate import DecodeConfig, SamplingConfig, generate
 
     bank = _rl_bank(args, model)
-    prompts = [[TOKEN] * args.prompt_len for _ in range(args.rollout)]
-    tracer.set_phase("generate")
+    n = args.rollout * (args.group_size if args.rollout_of == "grpo" else 1)
+    prompts = [[TOKEN] * args.prompt_len for _ in range(n)]
+    calls = []
+
+    def phase(module, inputs):  # the first forward is the prefill, every later one a decode step
+        tracer.set_phase("generate:decode" if calls else "generate:prefill")
+        calls.append(1)
+
+    model.register_forward_pre_hook(phase)
+    tracer.set_phase("generate:prefill")
     generate(
         bank,
         "policy",
@@ -467,60 +491,106 @@ def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True
         tracer.set_phase("setup")
         bank, optimizer = RUNNERS[args.stage](args, model, tracer)
         named = named_storages(model, bank, optimizer)
-        parts = tracer.breakdown(named, spec["vocab_size"], kv_shape if args.stage == "rollout" else None)
+        kv = kv_shape if args.stage == "rollout" else None
+        parts = tracer.breakdown(named, spec["vocab_size"], kv)
+        phase_parts = {ph: tracer.breakdown(named, spec["vocab_size"], kv, ph) for ph in tracer.phase_snapshots}
     return {
         "layers": layers or spec["num_hidden_layers"],
         "peak_bytes": tracer.peak,
         "peak_phase": tracer.peak_phase,
         "alive_at_peak_bytes": parts,
         "phase_peaks_bytes": tracer.phase_peaks,
+        "phase_alive_bytes": phase_parts,
         "wall_s": time.perf_counter() - t0,
     }
 
 
-def extrapolate(args) -> dict:
-    """Trace 2 and 3 layers and extend their difference to the shape's depth (see the module docstring)."""
+def extrapolate(args, layers: tuple[int, ...] = (2, 3)) -> dict:
+    """Trace `layers` decoder layers (consecutive counts) and extend each phase's per-layer difference to the
+    shape's depth (see the module docstring); the peak is the largest phase at that depth (phases grow at different
+    rates: the rollout's decode step holds a KV cache per layer twice its prefill's). With three or more counts the
+    rule is checked first: every phase's peak and what is alive at it must lie on one line, to the byte; otherwise
+    RuntimeError."""
     from benchmarks.shapes import SHAPES
 
     depth = SHAPES[args.shape]["num_hidden_layers"]
-    two, three = trace(args, 2), trace(args, 3)
-    if two["peak_phase"] != three["peak_phase"]:
-        raise RuntimeError(f"2 and 3 layers peak in different phases ({two['peak_phase']}, {three['peak_phase']})")
-    k = depth - 2
-    a, b = two["alive_at_peak_bytes"], three["alive_at_peak_bytes"]
-    parts = {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in dict.fromkeys([*a, *b])}
+    runs = [trace(args, n) for n in layers]
+    first, second = runs[0], runs[1]
+    phases = [ph for ph in first["phase_peaks_bytes"] if ph in second["phase_peaks_bytes"]]
+
+    def peak(ph: str, k: int) -> int:
+        a, b = first["phase_peaks_bytes"][ph], second["phase_peaks_bytes"][ph]
+        return a + k * (b - a)
+
+    def alive(ph: str, k: int) -> dict[str, int]:
+        a, b = first["phase_alive_bytes"][ph], second["phase_alive_bytes"][ph]
+        line = {c: a.get(c, 0) + k * (b.get(c, 0) - a.get(c, 0)) for c in dict.fromkeys([*a, *b])}
+        return {c: v for c, v in line.items() if v}
+
+    for n, r in zip(layers[2:], runs[2:], strict=True):
+        k = n - layers[0]
+        for ph in phases:
+            if r["phase_peaks_bytes"].get(ph) != peak(ph, k) or alive(ph, k) != {
+                c: v for c, v in r["phase_alive_bytes"][ph].items() if v
+            }:
+                raise RuntimeError(f"{args.shape} {args.stage}: phase {ph}'s peak at {n} layers is off the line")
+    k = depth - layers[0]
+    top = max(phases, key=lambda ph: peak(ph, k))
     return {
         "layers": depth,
-        "extrapolated_from_layers": [2, 3],
-        "peak_bytes": two["peak_bytes"] + k * (three["peak_bytes"] - two["peak_bytes"]),
-        "peak_phase": three["peak_phase"],
-        "alive_at_peak_bytes": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
-        "per_layer_bytes": three["peak_bytes"] - two["peak_bytes"],
-        "wall_s": two["wall_s"] + three["wall_s"],
+        "extrapolated_from_layers": list(layers),
+        "affine_check": "exact" if len(layers) > 2 else "not checked",
+        "peak_bytes": peak(top, k),
+        "peak_phase": top,
+        "alive_at_peak_bytes": dict(sorted(alive(top, k).items(), key=lambda kv: -kv[1])),
+        "phase_peaks_bytes": {ph: peak(ph, k) for ph in phases},
+        "per_layer_bytes": second["phase_peaks_bytes"][top] - first["phase_peaks_bytes"][top],
+        "wall_s": sum(r["wall_s"] for r in runs),
     }
 
 
-def estimate(args) -> dict | None:
-    """`lowmem-rlhf estimate`'s prediction (lowmem_rlhf.model.memory.estimate_stage) for the same settings."""
+def estimate(args) -> dict:
+    """`lowmem-rlhf estimate`'s prediction (lowmem_rlhf.model.memory.estimate_stage) for the traced settings: the
+    largest of the phases the trace covers (ppo/grpo: scoring and update, generation mocked; rollout: generation)."""
     import dataclasses
 
     from lowmem_rlhf.config import config_from_dict
     from lowmem_rlhf.model.memory import estimate_stage, resolve_shape
 
-    if args.stage == "rollout":
-        return None  # the estimator has no rollout-only stage: its PPO phase is the larger of rollout and update
     raw = {
-        "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size},
-        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0},
+        "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size, "compute_dtype": args.dtype},
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": args.lora_dropout},
     }
     if args.stage in ("sft", "rm", "dpo"):
-        raw[args.stage] = {"batch_size": args.batch, "max_length": args.seq, "optimizer": args.optimizer}
+        raw[args.stage] = {
+            "batch_size": args.batch,
+            "max_length": args.seq,
+            "optimizer": args.optimizer,
+            "gradient_accumulation_steps": 1,
+        }
     else:
-        raw["ppo"] = {**dataclasses.asdict(ppo_config(args)), "optimizer": args.optimizer}
-    e = estimate_stage(
-        config_from_dict(raw), resolve_shape(args.shape)[0], "ppo" if args.stage == "grpo" else args.stage
-    )
-    return {"allocated_bytes": e.allocated, "terms_bytes": dict(e.items)}
+        pc = ppo_config(args)
+        if args.stage == "rollout":
+            pc = dataclasses.replace(pc, advantage="grpo" if args.rollout_of == "grpo" else "gae")
+        raw["ppo"] = {**dataclasses.asdict(pc), "optimizer": args.optimizer}
+    kwargs = {"sequences_per_prompt": args.responses} if args.stage == "rm" else {}
+    stage = args.stage if args.stage in ("sft", "rm", "dpo") else "ppo"
+    e = estimate_stage(config_from_dict(raw), resolve_shape(args.shape)[0], stage, **kwargs)
+    if stage == "ppo":
+        traced = (
+            [p for p in e.phases if p.startswith("rollout")]
+            if args.stage == "rollout"
+            else [p for p in e.phases if not p.startswith("rollout")]
+        )
+        e.phases = {p: e.phases[p] for p in traced}
+        if args.stage == "rollout":  # traced before the first update: no optimizer state yet
+            e.resident = [(k, b) for k, b in e.resident if not k.startswith("optimizer state")]
+    return {
+        "allocated_bytes": e.allocated,
+        "peak_phase": e.peak_phase,
+        "phases_bytes": {p: e.phase_total(p) for p in e.phases},
+        "terms_bytes": dict(e.items),
+    }
 
 
 def run(args) -> dict:
@@ -543,6 +613,119 @@ def run(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------ every stage at every shape
+
+ALL_SHAPES = ("qwen2.5-0.5b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b")
+ALL_ENTRIES = ("sft", "rm", "dpo", "ppo", "grpo", "rollout-ppo", "rollout-grpo")
+FALLBACK_RECIPES = "llama-3.1-8b"  # a shape without recipes/<shape>/ takes the 8B recipes' settings
+RECORD = Path(__file__).parent / "results" / "memory_traced.json"
+CHECK_LAYERS = (2, 3, 4)  # traced depths: the third checks that the peak is affine in the depth
+
+
+def recipe_argv(shape: str, entry: str) -> tuple[list[str], str]:
+    """The tracer's arguments for `entry` (a stage; rollout-ppo / rollout-grpo: the generation of the PPO or GRPO
+    recipe's rollout) with the settings of recipes/<shape>/ (pipeline.yaml; grpo.yaml for GRPO), and that recipe."""
+    from lowmem_rlhf.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    folder = root / (shape if (root / shape).is_dir() else FALLBACK_RECIPES)
+    recipe = folder / ("grpo.yaml" if entry in ("grpo", "rollout-grpo") else "pipeline.yaml")
+    cfg = load_config(recipe)
+    stage = {"rollout-ppo": "rollout", "rollout-grpo": "rollout"}.get(entry, entry)
+    argv = ["--shape", shape, "--stage", stage, "--lora-r", str(cfg.lora.r), "--dtype", "bfloat16"]
+    argv += ["--chunk-size", str(cfg.model.logprob_chunk_size), "--lora-dropout", str(cfg.lora.dropout)]
+    if cfg.model.compute_dtype not in ("auto", "bfloat16") or cfg.model.quantization != "nf4":
+        raise ValueError(f"{recipe}: the tracer builds NF4 models in bf16 (the CUDA default)")
+    if cfg.lora.target_modules != "all-linear":
+        raise ValueError(f"{recipe}: the tracer puts LoRA on all linear layers")
+    section = {"sft": cfg.sft, "rm": cfg.rm, "dpo": cfg.dpo}.get(stage, cfg.ppo)
+    # auto = paged 8-bit AdamW on CUDA: the same bytes as 8-bit AdamW (paging only moves them out when short)
+    argv += ["--optimizer", "adamw" if section.optimizer == "adamw" else "adamw_8bit"]
+    if stage in ("sft", "rm", "dpo"):
+        argv += ["--batch", str(section.batch_size), "--seq", str(section.max_length)]
+    else:
+        pc = cfg.ppo
+        argv += ["--rollout", str(pc.rollout_batch_size), "--prompt-len", str(pc.max_prompt_length)]
+        argv += ["--new-tokens", str(pc.max_new_tokens), "--micro-batch", str(pc.micro_batch_size)]
+        argv += ["--group-size", str(pc.group_size)]
+        if stage == "rollout":
+            argv += ["--rollout-of", "grpo" if entry == "rollout-grpo" else "ppo"]
+    return argv, str(recipe.relative_to(root.parent))
+
+
+def run_all(out: Path, shapes: list[str], entries: list[str]) -> dict:
+    """Trace every entry at every shape with its recipe's settings (CHECK_LAYERS layers, extended to the depth
+    after checking the rule) and write `out` after each one (entries of other shapes/stages already in `out` kept)."""
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    record.setdefault("traces", {})
+    record["how"] = (
+        f"python -m benchmarks.memory --all: each stage traced with {CHECK_LAYERS[0]}, {CHECK_LAYERS[1]} and "
+        f"{CHECK_LAYERS[2]} decoder layers; each phase's peak and what is alive at it were checked to lie on one "
+        "line in the layer count to the byte; each phase is extended on its line to the model's depth and the "
+        "largest is the peak. Settings: the recipes named; "
+        f"a shape without recipes takes recipes/{FALLBACK_RECIPES}/'s. CUDA allocator's 512-byte blocks and "
+        "bitsandbytes' CUDA dequantize transient modelled."
+    )
+    record["versions"] = compat.check_versions()
+    for shape in shapes:
+        for entry in entries:
+            argv, recipe = recipe_argv(shape, entry)
+            args = parse_args(argv)
+            t0 = time.perf_counter()
+            result = extrapolate(args, CHECK_LAYERS)
+            record["traces"][f"{shape}/{entry}"] = {
+                "shape": shape,
+                "entry": entry,
+                "recipe": recipe,
+                "argv": argv,
+                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "extrapolate", "layers", "all")},
+                **result,
+                "peak_gib": result["peak_bytes"] / GIB,
+            }
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+            print(
+                f"{shape}/{entry}: {result['peak_bytes'] / GIB:.3f} GiB in {result['peak_phase']} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    return record
+
+
+def error_table(record: dict) -> str:
+    """docs/performance.md's table: each traced entry's peak, the estimator's and its error (estimate / traced - 1)."""
+    rows = [
+        "| shape | stage | recipe | traced peak (GiB) | where | estimate (GiB) | its phase | error |",
+        "|" + " --- |" * 8,
+    ]
+
+    def order(r: dict) -> tuple:
+        known = r["shape"] in ALL_SHAPES and r["entry"] in ALL_ENTRIES
+        return (ALL_SHAPES.index(r["shape"]), ALL_ENTRIES.index(r["entry"])) if known else (len(ALL_SHAPES), 0)
+
+    for r in sorted(record["traces"].values(), key=order):
+        e = estimate(parse_args(r["argv"]))
+        err = e["allocated_bytes"] / r["peak_bytes"] - 1
+        rows.append(
+            f"| {r['shape']} | {r['entry']} | {r['recipe']} | {r['peak_bytes'] / GIB:.3f} | {r['peak_phase']} | "
+            f"{e['allocated_bytes'] / GIB:.3f} | {e['peak_phase']} | {err:+.2%} |"
+        )
+    return "\n".join(rows)
+
+
+DOCS_BEGIN = "<!-- error table: python -m benchmarks.memory --table benchmarks/results/memory_traced.json"
+DOCS_END = "<!-- end of error table -->"
+
+
+def write_docs_table(docs: Path, table: str) -> None:
+    """Replace the error table between DOCS_BEGIN's line and DOCS_END in `docs` (docs/performance.md)."""
+    text = docs.read_text()
+    start = text.index(DOCS_BEGIN)
+    start = text.index("\n", start) + 1
+    end = text.index(DOCS_END)
+    docs.write_text(text[:start] + table + "\n" + text[end:])
+
+
 def _depth(shape: str) -> int:
     from benchmarks.shapes import SHAPES
 
@@ -563,10 +746,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="sft/rm/dpo: optimizer steps (the second has optimizer state)")
     p.add_argument("--rollout", type=int, default=16, help="ppo/grpo/rollout: prompts per iteration")
     p.add_argument("--group-size", type=int, default=4, help="grpo: samples per prompt")
+    p.add_argument(
+        "--rollout-of",
+        default="ppo",
+        choices=["ppo", "grpo"],
+        help="rollout: the bank and sequences of a PPO or GRPO run",
+    )
+    p.add_argument("--responses", type=int, default=2, help="rm: sequences per prompt (2: pairs; K: a K-way ranking)")
     p.add_argument("--prompt-len", type=int, default=256, help="ppo/grpo/rollout: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="ppo/grpo/rollout: response tokens")
     p.add_argument("--micro-batch", type=int, default=4, help="ppo/grpo: micro- and mini-batch size")
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora.dropout (PPO, GRPO and DPO turn it off)")
     p.add_argument("--chunk-size", type=int, default=ModelConfig.logprob_chunk_size, help="model.logprob_chunk_size")
     p.add_argument(
         "--optimizer", default=None, choices=["adamw", "adamw_8bit"], help="default: adamw_8bit for sft, adamw for ppo"
@@ -575,6 +766,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="trace this many decoder layers")
     p.add_argument("--extrapolate", action="store_true", help="trace 2 and 3 layers and extend to the full depth")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--all",
+        nargs="?",
+        const=str(RECORD),
+        default=None,
+        metavar="OUT",
+        help="trace every stage at every shape with its recipe's settings into OUT "
+        "(default benchmarks/results/memory_traced.json)",
+    )
+    p.add_argument("--table", metavar="RECORD", help="print the estimator's error against a --all record, and exit")
+    p.add_argument("--docs", metavar="MD", help="with --table: write the table into MD (docs/performance.md)")
+    p.add_argument("--only", default=None, help="with --all: comma-separated shapes and/or entries to (re)trace")
     args = p.parse_args(argv)
     if args.optimizer is None:
         args.optimizer = "adamw_8bit" if args.stage in ("sft", "rm", "dpo") else "adamw"
@@ -583,6 +786,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.all:
+        only = set(args.only.split(",")) if args.only else set()
+        shapes = [s for s in ALL_SHAPES if not only & set(ALL_SHAPES) or s in only]
+        entries = [e for e in ALL_ENTRIES if not only & set(ALL_ENTRIES) or e in only]
+        record = run_all(Path(args.all), shapes, entries)
+        print(error_table(record))
+        return record
+    if args.table:
+        table = error_table(json.loads(Path(args.table).read_text()))
+        print(table)
+        if args.docs:
+            write_docs_table(Path(args.docs), table)
+        return {}
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -267,9 +267,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     card = parse_size(args.gpu_memory) if args.gpu_memory else None
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if args.responses_per_prompt < 2:
+        raise UserError(f"--responses-per-prompt {args.responses_per_prompt}: a ranking has at least 2 responses")
     # each of N data-parallel processes holds a whole base and runs the recipe's global sizes divided by N
     cfg = per_device_config(cfg, args.num_processes, stages)
-    shape, source, estimates = estimate_recipe(cfg, stages, args.shape)
+    shape, source, estimates = estimate_recipe(cfg, stages, args.shape, args.responses_per_prompt)
     report = {
         "model": cfg.model.name_or_path,
         "shape_source": source,
@@ -292,6 +294,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for e in estimates:
         entry = {
             "items": dict(e.items),
+            "peak_phase": e.peak_phase,
+            "phases_bytes": {p: e.phase_total(p) for p in e.phases},
             "allocated_bytes": e.allocated,
             "device_bytes": e.device_total,
             e.batch_key: e.batch,
@@ -300,13 +304,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         lines += ["", f"stage {e.stage} ({e.batch_key}={e.batch}, {e.length_key}={e.length})"]
         width = max(len(k) for k, _ in e.items) + 2
         lines += [f"  {k:<{width}}{gb(v):>10}" for k, v in e.items]
-        lines.append(f"  {'peak allocated':<{width}}{gb(e.allocated):>10}")
+        lines.append(f"  {'peak allocated (' + e.peak_phase + ')':<{width}}{gb(e.allocated):>10}")
         slack = f"+{round((FRAGMENTATION - 1) * 100)}% slack, +{gb(CUDA_CONTEXT)} CUDA context"
         lines.append(f"  {'on the card (' + slack + ')':<{width}}{gb(e.device_total):>10}")
         if card is not None:
             fits = e.device_total <= card
-            batch = largest_fitting(cfg, shape, e.stage, card, "batch")
-            length = largest_fitting(cfg, shape, e.stage, card, "length")
+            batch = largest_fitting(cfg, shape, e.stage, card, "batch", k)
+            length = largest_fitting(cfg, shape, e.stage, card, "length", k)
             verdict = "fits" if fits else "DOES NOT FIT"
             lines.append(
                 f"  -> {verdict} in {gb(card)}: largest {e.batch_key} {batch or 'none'} "
@@ -383,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage to estimate (repeatable; default: the recipe's stages)",
     )
     p.add_argument("--shape", help="use a known architecture instead of model.name_or_path's config.json")
+    p.add_argument(
+        "--responses-per-prompt",
+        type=int,
+        default=2,
+        metavar="K",
+        help="rm: responses ranked per prompt; rm.batch_size prompts put K sequences each through one pass (default 2)",
+    )
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     p.add_argument(
         "--num-processes",

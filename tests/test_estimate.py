@@ -55,34 +55,54 @@ def test_llama_3_1_8b_by_hand():
     assert sum(lora_tensors(shape, 16, "all-linear")) == 32 * 1_310_720 == 41_943_040
     assert sum(lora_tensors(shape, 16, ["q_proj", "v_proj"])) == 32 * 16 * (8192 + 5120)
 
-    # SFT with 32-bit AdamW, batch 1 x 1024 tokens, log-probs in 1024-token chunks, no LoRA dropout
+    # SFT with 32-bit AdamW, batch 1 x 1024 tokens, log-probs in 1024-token chunks, no LoRA dropout, one
+    # micro-batch per step (no gradients alive through the passes)
     e = estimate_stage(
-        cfg(sft={"batch_size": 1, "max_length": 1024, "optimizer": "adamw"}, model={"logprob_chunk_size": 1024}),
+        cfg(
+            sft={"batch_size": 1, "max_length": 1024, "optimizer": "adamw", "gradient_accumulation_steps": 1},
+            model={"logprob_chunk_size": 1024},
+        ),
         shape,
         "sft",
     )
-    items = dict(e.items)
     lora = 41_943_040
-    assert items["LoRA adapters (fp32): policy"] == 4 * lora
-    assert items["gradients of trainable LoRA/head (fp32)"] == 4 * lora
-    assert items["optimizer state (adamw)"] == 8 * lora
-    assert items["activations: checkpointed layer inputs"] == 32 * 1024 * 4096 * 2
-    # one layer: 2 bytes x (d + q + 2kv + q + kv + q + d + d + 4i + d) + two fp32 norm inputs + LoRA A outputs
-    per_token = 2 * (4 * 4096 + 3 * 4096 + 3 * 1024 + 4 * 14336) + 2 * 4 * 4096 + 4 * 16 * 7
-    assert items["activations: one layer recomputed in backward (x2 with its grads)"] == 2 * 1024 * per_token
-    assert items["log-probs: one chunk of logits"] == 1024 * 128_256 * (2 + 4 + 4)
-    assert items["dequantized weight of the largest linear"] == 4096 * 14336 * 2
-    hand = (
-        weights // 2
-        + 32 * per_layer_constants
-        + 2 * (2 * 128_256 * 4096 + 65 * 4096)
-        + (4 + 4 + 8) * lora
-        + 32 * 1024 * 4096 * 2
-        + 2 * 1024 * per_token
-        + 1024 * 128_256 * 10
-        + 4096 * 14336 * 2
+    resident = dict(e.resident)
+    assert resident["LoRA adapters (fp32): policy"] == 4 * lora
+    # two fp32 moments per element and a 0-d step counter (one 512-byte block) per tensor (32 layers x 14)
+    assert resident["optimizer state (adamw)"] == 8 * lora + 32 * 14 * 512
+    assert not any(k.startswith("gradients") for k in resident)
+    # the unquantized tensors in 512-byte blocks: embeddings, lm_head, 65 norms (8192 B each), two rotary buffers
+    assert resident["base: embeddings, lm_head, norms (unquantized)"] == 2 * 128_256 * 4096 * 2 + 65 * 8192 + 2 * 512
+    t, d, i = 1024, 4096, 14336
+    layer = dict(e.phases["backward: recomputed layer"])
+    assert layer["activations: checkpointed layer inputs"] == 32 * t * d * 2
+    # 3 hidden-wide, q and rotated q, k and v repeated to the 32 query heads, 6 intermediate-wide (bf16)
+    assert layer["activations: recomputed layer (compute dtype)"] == 2 * t * (3 * d + 2 * d + 2 * d) + 6 * 2 * t * i
+    assert layer["activations: recomputed layer's fp32 norm inputs"] == 2 * 4 * t * d
+    assert layer["activations: attention masks"] == 3 * 1024 * 1024
+    chunk = dict(e.phases["backward: log-prob chunk"])
+    # at the chunk's backward: 1024 positions x 128256 logits, fp32 and bf16 (6 bytes per logit)
+    assert chunk["log-probs: one chunk's logits (fp32) and their compute-dtype copy"] == 1023 * 128_256 * 6
+    assert chunk["activations: final norm (fp32 input, output)"] == t * d * (4 + 2)
+    assert e.peak_phase == "backward: log-prob chunk"
+    assert e.allocated == sum(resident.values()) + sum(chunk.values()) == sum(dict(e.items).values())
+    # with the recipe's 2 x 2048 tokens the recomputed layer outweighs the chunk, and accumulating micro-batches
+    # keeps the fp32 gradients alive
+    recipe = estimate_stage(
+        cfg(sft={"batch_size": 2, "max_length": 2048, "gradient_accumulation_steps": 8}), shape, "sft"
     )
-    assert e.allocated == hand == sum(items.values())  # 7.92 GiB
+    assert recipe.peak_phase == "backward: recomputed layer"
+    assert dict(recipe.resident)["gradients of trainable LoRA/head (fp32, accumulated)"] == 4 * lora
+    # LoRA dropout keeps each LoRA input's dropped-out copy and its mask
+    dropped = estimate_stage(cfg(sft={"batch_size": 2, "max_length": 2048}, lora={"dropout": 0.05}), shape, "sft")
+    extra = dict(dropped.phases["backward: recomputed layer"])["activations: LoRA dropout copies and masks"]
+    assert extra == (2 * 2048) * 14 * d * 2
+    # a reward model on K-way rankings: K sequences per prompt in one pass
+    rm = cfg(rm={"batch_size": 2, "max_length": 1024})
+    pairs, fours = (estimate_stage(rm, shape, "rm", sequences_per_prompt=k) for k in (2, 4))
+    assert pairs.phases["backward: recomputed layer"][0][1] == 32 * 4 * 1024 * d * 2
+    assert fours.phases["backward: recomputed layer"][0][1] == 32 * 8 * 1024 * d * 2
+    assert dict(pairs.resident)["score head"] == 4 * d  # a bias-free fp32 Linear(d, 1)
 
 
 def test_qwen2_5_0_5b_by_hand():
@@ -110,40 +130,72 @@ def test_qwen2_5_0_5b_by_hand():
         },
     )
     e = estimate_stage(c, shape, "ppo")
-    items = dict(e.items)
+    resident = dict(e.resident)
     lora = sum(lora_tensors(shape, 16, "all-linear"))
     assert lora == 24 * 16 * (2 * 1792 + 2 * 1024 + 3 * 5760) == 8_798_208
-    assert items["LoRA adapters (fp32): policy, reference, reward, value"] == 4 * 4 * lora
-    # 8-bit AdamW: 2 bytes per element + two fp32 block maxima per 256 elements, for tensors of at least
-    # 4096 elements; smaller ones (k/v LoRA B: 128 x 16 = 2048; the 897-element value head) stay 32-bit.
-    # Per layer: nine 14336-element tensors (29120 B each), three 77824 (158080 B), two 2048 (16384 B)
-    per_layer = 9 * 29_120 + 3 * 158_080 + 2 * 16_384
-    assert items["optimizer state (adamw_8bit)"] == 2 * 24 * per_layer + 8 * 897
-    # update phase: 2 x 256 tokens; its log-prob chunk (512 tokens x 151936 x 10 B) outweighs the rollout's
-    # KV cache (8 x 256 tokens x 2 x 24 layers x 128 x 2 B = 25 MB), so the update phase is the peak
-    assert items["log-probs: one chunk of logits"] == 512 * 151_936 * 10
-    assert "rollout: KV cache" not in items
+    assert resident["LoRA adapters (fp32): policy, reference, reward, value"] == 4 * 4 * lora
+    # 8-bit AdamW: 2 bytes per element + two fp32 block maxima per 256 elements (each in a 512-byte block), for
+    # tensors of at least 4096 elements; smaller ones (k/v LoRA B: 128 x 16 = 2048; the 896-element value head)
+    # stay 32-bit; two shared 256-entry maps. Per layer: nine 14336-element tensors (2 x (14336 + 512) B each),
+    # three 77824 (2 x (77824 + 1536)), two 2048 (2 x 8192)
+    per_layer = 9 * 29_696 + 3 * 158_720 + 2 * 16_384
+    assert resident["optimizer state (adamw_8bit)"] == 2 * 24 * per_layer + 2 * 3584 + 2048
+    # update phase: 2 x 256 tokens; its log-prob chunk (2 x 128 response positions x 151936 x 6 B) outweighs
+    # the rollout's KV cache (8 x 128 prompt tokens x 2 x 24 layers x 128 x 2 B = 12.6 MB), so an update phase peaks
+    update = dict(e.phases["update backward: log-prob chunk"])
+    assert update["log-probs: one chunk's logits (fp32) and their compute-dtype copy"] == 256 * 151_936 * 6
+    assert dict(e.phases["rollout: prefill"])["rollout: KV cache"] == 8 * 128 * 2 * 24 * 128 * 2
+    assert e.peak_phase == "update backward: log-prob chunk"
     big = estimate_stage(replace(c, ppo=replace(c.ppo, rollout_batch_size=256)), shape, "ppo")
-    big_items = dict(big.items)
-    assert big_items["rollout: KV cache"] == 256 * 256 * 2 * 24 * 128 * 2
-    assert "log-probs: one chunk of logits" not in big_items
+    # 256 rows: the prefill's one-layer activations (4 x 896 + 4 x 4864 per prompt token) are the peak; the dynamic
+    # cache at the last step holds every position but the last token's, beside the step's logits (2 + 3 x 4 bytes)
+    assert big.peak_phase == "rollout: prefill"
+    assert dict(big.items)["activations: one layer's forward"] == 256 * 128 * 2 * (4 * 896 + 4 * 4864)
+    last = dict(big.phases["rollout: last decode step"])
+    assert last["rollout: KV cache"] == 256 * 255 * 2 * 24 * 128 * 2
+    assert last["rollout: sampling logits, or the previous step's beside the dequantized largest weight"] == (
+        256 * 151_936 * 14
+    )
     # generating 32 sequences per call bounds the cache at 32 rows, and the update phase is the peak again
     chunked_cfg = replace(c, ppo=replace(c.ppo, rollout_batch_size=256, generation_batch_size=32))
-    chunked = dict(estimate_stage(chunked_cfg, shape, "ppo").items)
-    assert "rollout: KV cache" not in chunked
-    assert chunked["log-probs: one chunk of logits"] == items["log-probs: one chunk of logits"]
+    chunked = estimate_stage(chunked_cfg, shape, "ppo")
+    assert chunked.peak_phase == "update backward: log-prob chunk"
+    assert dict(chunked.phases["rollout: prefill"])["rollout: KV cache"] == 32 * 128 * 2 * 24 * 128 * 2
     # calls of 128 of 1024 rollout rows (GRPO, 4 per prompt): the rollout is the peak again, with 128 rows
     grpo = replace(c.ppo, rollout_batch_size=256, advantage="grpo", group_size=4, generation_batch_size=128)
-    calls = dict(estimate_stage(replace(c, ppo=grpo), shape, "ppo").items)
-    assert calls["rollout: KV cache"] == 128 * 256 * 2 * 24 * 128 * 2
+    calls = estimate_stage(replace(c, ppo=grpo), shape, "ppo")
+    assert dict(calls.phases["rollout: last decode step"])["rollout: KV cache"] == 128 * 255 * 2 * 24 * 128 * 2
     # a batch size above the rollout's rows is the rollout's rows, unless compiled calls are filled up to it
     wide = replace(c.ppo, rollout_batch_size=256, generation_batch_size=4096)
-    assert dict(estimate_stage(replace(c, ppo=wide), shape, "ppo").items) == big_items
+    assert estimate_stage(replace(c, ppo=wide), shape, "ppo").items == big.items
     compiled = replace(wide, generation_cache="static", compile_generation=True)
-    assert dict(estimate_stage(replace(c, ppo=compiled), shape, "ppo").items)["rollout: KV cache"] == (
-        4096 * 256 * 2 * 24 * 128 * 2
-    )
+    static = estimate_stage(replace(c, ppo=compiled), shape, "ppo").phases["rollout: prefill"]
+    assert dict(static)["rollout: KV cache"] == 4096 * 256 * 2 * 24 * 128 * 2  # preallocated to the full length
     assert e.batch == 2 and e.length == 128
+
+
+RECORD = REPO / "benchmarks" / "results" / "memory_traced.json"
+
+
+def _traced():
+    return json.loads(RECORD.read_text())["traces"]
+
+
+def test_every_stage_and_shape_is_traced():
+    from benchmarks import memory
+
+    assert sorted(_traced()) == sorted(f"{s}/{e}" for s in memory.ALL_SHAPES for e in memory.ALL_ENTRIES)
+
+
+@pytest.mark.parametrize("key", sorted(_traced()))
+def test_estimate_within_5_percent_of_the_traced_peak(key):
+    """The estimator against benchmarks/results/memory_traced.json (python -m benchmarks.memory --all): every stage
+    at every shape with its recipe's settings, within 5% of the traced peak."""
+    from benchmarks import memory
+
+    traced = _traced()[key]
+    e = memory.estimate(memory.parse_args(traced["argv"]))
+    assert abs(e["allocated_bytes"] / traced["peak_bytes"] - 1) < 0.05, (key, e["peak_phase"], traced["peak_phase"])
 
 
 def test_counts_equal_the_tiny_4bit_model(tiny_path):
@@ -192,6 +244,14 @@ def test_estimate_cli(tmp_path, capsys):
     assert main(["estimate", str(recipe), "--gpu-memory", "6GB", "--json", "--stage", "sft"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert list(report["stages"]) == ["sft"] and report["stages"]["sft"]["fits"] is False
+    # a reward model on 4-way rankings puts 4 sequences of each prompt through one pass: a higher peak
+    peaks = []
+    for k in ("2", "4"):
+        assert main(["estimate", str(recipe), "--stage", "rm", "--json", "--responses-per-prompt", k]) == 0
+        peaks.append(json.loads(capsys.readouterr().out)["stages"]["rm"]["allocated_bytes"])
+    assert peaks[1] > peaks[0]
+    assert main(["estimate", str(recipe), "--stage", "rm", "--responses-per-prompt", "1"]) == 2
+    assert "--responses-per-prompt 1: a ranking has at least 2 responses" in capsys.readouterr().err
     assert main(["estimate", str(recipe), "model.name_or_path=org/unknown-model"]) == 2
     assert "no config.json for 'org/unknown-model'" in capsys.readouterr().err
     assert main(["estimate", str(recipe), "model.name_or_path=org/unknown-model", "--shape", "qwen2.5-7b"]) == 0
@@ -228,7 +288,7 @@ def test_stage_check_warns_before_loading_when_the_card_is_too_small(monkeypatch
     with caplog.at_level("WARNING"):
         check_fits(c, "sft", torch.device("cuda"))
         assert "exceeds this GPU's 12.00 GB" in caplog.text
-        assert "largest sft.batch_size that fits: 1" in caplog.text
+        assert "largest sft.batch_size that fits: 2" in caplog.text  # 2 x 4096 tokens: 10.8 GiB on the card
         caplog.clear()
         check_fits(cfg(sft={"batch_size": 1, "max_length": 512}), "sft", torch.device("cuda"))
         check_fits(c, "sft", torch.device("cpu"))  # nothing to check without a GPU

@@ -1,22 +1,24 @@
 """Peak GPU memory of each stage, predicted from the model's config.json alone (no weights loaded).
 
-Every term is counted from shapes, in bytes:
+A stage's peak is what is alive for the whole stage plus the largest of its phases, each phase counting
+the tensors alive in it (in bytes, from shapes, each tensor in the CUDA caching allocator's 512-byte
+blocks):
 
-- the frozen base: quantized linear weights (NF4/FP4: half a byte per weight, plus one absmax per
-  64-weight block, itself quantized to 8 bits with one fp32 constant per 256 blocks under double
-  quantization; int8: one byte per weight plus one fp32 scale per output row), and the unquantized
-  embeddings, `lm_head` (unless tied), norms and biases in the compute dtype;
-- LoRA adapters (fp32) for every role the stage holds, scalar heads, and for the trainable roles
-  their gradients and optimizer state (AdamW 32-bit: 8 bytes per parameter; 8-bit AdamW: 2, except
-  tensors under 4096 elements, which bitsandbytes keeps in 32 bits);
-- activations under gradient checkpointing: every layer's input is kept, one layer is recomputed at
-  a time, and the log-probs are computed in `model.logprob_chunk_size` chunks (pitfall 11);
-- for RL, the rollout's KV cache and per-step logits, which are alive when the training
-  activations are not (the peak is the larger phase);
-- the CUDA context (not counted by `torch.cuda.max_memory_allocated`, but it occupies the card).
+- resident: the frozen base (quantized linear weights: NF4/FP4 half a byte per weight, their
+  quantization constants; embeddings, `lm_head` unless tied, norms, biases and rotary buffers in the
+  compute dtype), the fp32 LoRA adapters of every role the stage holds, bias-free fp32 scalar heads,
+  the trainable roles' optimizer state, and their fp32 gradients when micro-batches accumulate;
+- a training pass under gradient checkpointing (`Activations`): the backward of a log-prob chunk (every
+  layer's checkpointed input, the final norm, one chunk's logits at 6 bytes per logit in bf16) or of one
+  recomputed layer (its saved tensors and MLP gradients);
+- RL: the rollout's prefill (KV cache of the prompts, one layer's forward) and last decode step (the
+  full KV cache, one layer's K and V being extended, the last position's logits), the scoring passes.
 
+The phases and their sizes are those `benchmarks/memory.py` traces in the stages' own code on fake
+tensors; `tests/test_estimate.py` holds every stage at four real shapes within 5% of the recorded traces.
 Sequences are assumed to fill `max_length` (RL: the prompt limit plus `max_new_tokens`), so the
-prediction is the peak of a run whose batches are full; shorter data peaks lower.
+prediction is the peak of a run whose batches are full; shorter data peaks lower. The CUDA context is
+added when deciding whether a stage fits.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CUDA_CONTEXT = 0.5 * GiB  # CUDA context + cuBLAS workspace: outside PyTorch's a
 FRAGMENTATION = 1.05  # allocator slack on top of the allocated peak when deciding "fits"
 BLOCK = 64  # bitsandbytes 4-bit block size
 NESTED_BLOCK = 256  # blocks per fp32 constant under double quantization
+ALLOC_BLOCK = 512  # the CUDA caching allocator's granularity
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps optimizer state of smaller tensors in 32 bits
 FUSED_MODEL_TYPES = ("phi3",)  # one qkv_proj and one gate_up_proj per layer
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")  # RMSNorm before and after attention and MLP; embedding scale
@@ -204,35 +207,166 @@ def lora_tensors(shape: Shape, r: int, targets: list[str] | str) -> list[int]:
     return out * shape.layers
 
 
-def optimizer_bytes(tensors: list[int], optimizer: str) -> int:
-    if optimizer == "adamw":
-        return 8 * sum(tensors)
-    return sum(2 * n + 8 * math.ceil(n / 256) if n >= MIN_8BIT_SIZE else 8 * n for n in tensors)
+def rounded(n: int) -> int:
+    """Bytes the CUDA caching allocator gives a tensor of n bytes: whole 512-byte blocks."""
+    return -(-n // ALLOC_BLOCK) * ALLOC_BLOCK
 
 
-def layer_activation_bytes(shape: Shape, tokens: int, compute_bytes: int, lora_dropout: bool, r: int) -> int:
-    """Tensors one decoder layer keeps for its backward pass, for `tokens` = batch x sequence positions."""
-    d, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
-    # attention: norm out, q/k/v, rotated q/k, attention out, o_proj out; MLP: norm out, gate, up,
-    # act(gate), act(gate) * up, down out; two fp32 RMSNorm inputs
-    per_token = compute_bytes * (d + q + 2 * kv + q + kv + q + d + d + 4 * i + d) + 2 * 4 * d
-    lora_inputs = 3 * d + q + 2 * d + i  # each LoRA module's dropout makes its own copy of its input
-    per_token += compute_bytes * lora_inputs * lora_dropout + 4 * r * 7
-    return tokens * per_token
+def tensor_bytes(sizes: list[int]) -> int:
+    """Allocated bytes of tensors of these byte sizes."""
+    return sum(rounded(n) for n in sizes)
+
+
+def base_tensors(shape: Shape, quantization: str, double_quant: bool, cb: int) -> dict[str, list[int]]:
+    """Byte sizes of the frozen base's tensors, by kind (one entry per tensor, all layers)."""
+    quant, consts, other = [], [], []
+    for _, fin, fout, bias in shape.linears():
+        n = fin * fout
+        if quantization in ("nf4", "fp4"):
+            blocks = math.ceil(n / BLOCK)
+            quant.append(math.ceil(n / 2))
+            if double_quant:  # uint8 absmax, fp32 absmax of its blocks, the 256-entry fp32 code, the fp32 offset
+                consts += [blocks, 4 * math.ceil(blocks / NESTED_BLOCK), 4 * 256, 4]
+            else:
+                consts.append(4 * blocks)
+            consts.append(4 * 16)  # the 16-value NF4/FP4 code
+        elif quantization == "int8":
+            quant.append(n)
+            consts.append(4 * fout)
+        else:
+            quant.append(n * cb)
+        if bias:
+            other.append(fout * cb)
+    other += [shape.hidden * cb] * shape.norms_per_layer
+    top = [shape.vocab * shape.hidden * cb] * (1 if shape.tied else 2) + [shape.hidden * cb]
+    buffers = [4 * (shape.head_dim // 2)] * 2 + [4] * shape.embed_scale
+    L = shape.layers
+    return {"weights": quant * L, "constants": consts * L, "unquantized": other * L + top, "buffers": buffers}
+
+
+def optimizer_state_bytes(tensors: list[int], optimizer: str) -> int:
+    """Allocated bytes of the optimizer state of fp32 parameters with these element counts."""
+    if optimizer == "adamw":  # two fp32 moments and a step counter (a 0-d tensor) per parameter
+        return sum(2 * rounded(4 * n) + rounded(4) for n in tensors)
+    # bitsandbytes 8-bit AdamW: two uint8 moments with an fp32 maximum per 256 elements, two shared 256-entry
+    # fp32 maps; tensors under 4096 elements keep two fp32 moments
+    state = sum(
+        2 * (rounded(n) + rounded(4 * math.ceil(n / 256))) if n >= MIN_8BIT_SIZE else 2 * rounded(4 * n)
+        for n in tensors
+    )
+    return state + 2 * rounded(4 * 256)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What a pass over `seqs` sequences of `length` tokens keeps alive, by phase (module docstring)."""
+
+    shape: Shape
+    cb: int
+    seqs: int
+    length: int
+    chunk: int
+    lora_r: int
+    dropout: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.seqs * self.length
+
+    def unit(self, width: int, nbytes: int | None = None) -> int:
+        return rounded(self.tokens * width * (self.cb if nbytes is None else nbytes))
+
+    def common(self) -> list[tuple[str, int]]:
+        """The rotary cos/sin of every position (compute dtype)."""
+        return [("activations: rotary cos/sin", 2 * self.unit(self.shape.head_dim))]
+
+    def checkpointed(self) -> list[tuple[str, int]]:
+        """Gradient checkpointing keeps every decoder layer's input."""
+        return [("activations: checkpointed layer inputs", self.shape.layers * self.unit(self.shape.hidden))]
+
+    def chunk_tokens(self, response_only: bool) -> int:
+        """Tokens of one log-prob chunk: chunk // seqs positions of every row (at least one), within the rows."""
+        positions = max(1, self.chunk // max(self.seqs, 1))
+        span = self.length // 2 if response_only else self.length - 1
+        return self.seqs * min(positions, span)
+
+    def logprob_chunk(self, response_only: bool, grad: bool) -> list[tuple[str, int]]:
+        """A log-prob chunk: its fp32 logits and the head's compute-dtype output (forward) or the gradient made in
+        their place (backward): 6 bytes per logit in bf16, 4 in fp32; the final norm's fp32 input and output."""
+        s, d = self.shape, self.shape.hidden
+        c = self.chunk_tokens(response_only)
+        per_logit = 4 + (self.cb if self.cb != 4 else 0)
+        items = [
+            ("log-probs: one chunk's logits (fp32) and their compute-dtype copy", c * s.vocab * per_logit),
+            ("activations: final norm (fp32 input, output)", self.unit(d, 4) + self.unit(d)),
+        ]
+        if grad:
+            items.append(("activations: causal mask", rounded(self.seqs * self.length**2)))
+            if not response_only:  # the gradient of the shifted hidden states, (b, t - 1, d)
+                items.append(
+                    (
+                        "activations: gradient of the shifted hidden states",
+                        rounded(self.seqs * (self.length - 1) * d * self.cb),
+                    )
+                )
+        return items
+
+    def recomputed_layer(self) -> list[tuple[str, int]]:
+        """One decoder layer recomputed in the backward pass, at its MLP's backward: the layer's saved tensors
+        (norm outputs, q and rotated q, k and v repeated to every query head, attention output, gate/up and their
+        activation, the residual) with its MLP gradients, two fp32 norm inputs, the float and boolean masks."""
+        s = self.shape
+        d, q, i = s.hidden, s.heads * s.head_dim, s.intermediate
+        gqa = 2 * q if s.kv_heads < s.heads else 2 * s.kv_heads * s.head_dim
+        items = [
+            ("activations: recomputed layer (compute dtype)", self.unit(3 * d + 2 * q + gqa) + 6 * self.unit(i)),
+            ("activations: recomputed layer's fp32 norm inputs", 2 * self.unit(d, 4)),
+            ("activations: attention masks", rounded(3 * self.seqs * self.length**2)),
+            ("activations: attention log-sum-exp (fp32)", rounded(4 * self.seqs * s.heads * self.length)),
+            ("activations: LoRA A outputs", 8 * self.unit(self.lora_r)),
+        ]
+        if self.dropout:  # each LoRA input's dropped-out copy and its mask, and two gradients of them
+            items.append(("activations: LoRA dropout copies and masks", self.unit(2 * (5 * d + q) + 2 * d)))
+        return items
+
+    def prefill_layer(self) -> list[tuple[str, int]]:
+        """One decoder layer's forward without gradients (prefill, scoring): four intermediate-wide and four
+        hidden-wide tensors at its MLP."""
+        return [
+            (
+                "activations: one layer's forward",
+                4 * self.unit(self.shape.intermediate) + 4 * self.unit(self.shape.hidden),
+            )
+        ]
 
 
 @dataclass
 class StageEstimate:
+    """The peak of a stage: `resident` (alive for the whole stage) plus the largest of `phases`."""
+
     stage: str
-    items: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes) summing to the allocated peak
+    resident: list[tuple[str, int]] = field(default_factory=list)
+    phases: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     batch_key: str = ""
     batch: int = 0
     length_key: str = ""
     length: int = 0
 
+    def phase_total(self, name: str) -> int:
+        return sum(b for _, b in self.resident) + sum(b for _, b in self.phases[name])
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_total)
+
+    @property
+    def items(self) -> list[tuple[str, int]]:
+        """(what, bytes) alive at the peak: the resident terms and the peak phase's, summing to `allocated`."""
+        return self.resident + self.phases[self.peak_phase]
+
     @property
     def allocated(self) -> int:
-        return sum(b for _, b in self.items)
+        return self.phase_total(self.peak_phase)
 
     @property
     def torch_allocated(self) -> int:
@@ -254,109 +388,143 @@ def optimizer_name(name: str) -> str:
     return "paged_adamw_8bit" if name == "auto" else name  # auto = paged 8-bit AdamW on CUDA
 
 
-def estimate_stage(cfg: RecipeConfig, shape: Shape, stage: str, *, batch: int | None = None, length: int | None = None):
-    """The peak of `stage` (sft, rm, ppo, dpo), optionally at another batch size or sequence length."""
+def estimate_stage(
+    cfg: RecipeConfig,
+    shape: Shape,
+    stage: str,
+    *,
+    batch: int | None = None,
+    length: int | None = None,
+    sequences_per_prompt: int = 2,
+) -> StageEstimate:
+    """The peak of `stage` (sft, rm, ppo, dpo), optionally at another batch size or sequence length.
+
+    rm: `sequences_per_prompt` responses of each of rm.batch_size prompts go through one pass (2: pairs; K: a
+    K-way ranking trained as a group). ppo: the peak of its rollout, scoring and update phases.
+    """
     mc, lc = cfg.model, cfg.lora
     cb = compute_bytes_of(cfg)
-    q = quantized_weight_bytes(shape, mc.quantization, mc.double_quant, cb)
-    base = [
-        ("base: quantized linear weights" if mc.quantization != "none" else "base: linear weights", q["weights"]),
-        ("base: quantization constants", q["constants"]),
-        ("base: embeddings, lm_head, norms (unquantized)", unquantized_bytes(shape, cb)),
+    base = base_tensors(shape, mc.quantization, mc.double_quant, cb)
+    resident = [
+        (
+            "base: quantized linear weights" if mc.quantization != "none" else "base: linear weights",
+            tensor_bytes(base["weights"]),
+        ),
+        ("base: quantization constants", tensor_bytes(base["constants"])),
+        (
+            "base: embeddings, lm_head, norms (unquantized)",
+            tensor_bytes(base["unquantized"]) + tensor_bytes(base["buffers"]),
+        ),
     ]
     adapter = lora_tensors(shape, lc.r, lc.target_modules)
-    head = 4 * (shape.hidden + 1)
-    d, V, L = shape.hidden, shape.vocab, shape.layers
-    chunk = mc.logprob_chunk_size
+    adapter_bytes = tensor_bytes([4 * n for n in adapter])
+    head = rounded(4 * shape.hidden)  # a bias-free fp32 Linear(d, 1)
+
+    def trained(trainable: int, n_heads: int, opt: str, accumulating: bool) -> list[tuple[str, int]]:
+        """Optimizer state of the trainable adapters and heads (alive for the whole stage), and their fp32
+        gradients, alive through the passes when a step accumulates several micro-batches."""
+        tensors = adapter * trainable + [shape.hidden] * n_heads
+        items = [(f"optimizer state ({optimizer_name(opt)})", optimizer_state_bytes(tensors, optimizer_name(opt)))]
+        if accumulating:
+            items.append(
+                ("gradients of trainable LoRA/head (fp32, accumulated)", tensor_bytes([4 * n for n in tensors]))
+            )
+        return items
+
+    def acts(seqs: int, seq_len: int, dropout: bool) -> Activations:
+        return Activations(shape, cb, seqs, seq_len, mc.logprob_chunk_size, lc.r, dropout)
+
+    def train_phases(a: Activations, logits: bool, response_only: bool = False) -> dict[str, list[tuple[str, int]]]:
+        """A training pass with gradient checkpointing: the log-prob chunk's backward, then each layer's."""
+        phases = {"backward: recomputed layer": a.checkpointed() + a.common() + a.recomputed_layer()}
+        if logits:
+            phases["backward: log-prob chunk"] = a.checkpointed() + a.common() + a.logprob_chunk(response_only, True)
+        return phases
+
     dropout = lc.dropout > 0
-
-    def state_terms(trainable: int, n_heads_trainable: int, opt: str) -> list[tuple[str, int]]:
-        """Gradients and optimizer state of the trainable adapters and heads: alive for the whole stage."""
-        tensors = adapter * trainable + [shape.hidden + 1] * n_heads_trainable
-        return [
-            ("gradients of trainable LoRA/head (fp32)", 4 * sum(tensors)),
-            (f"optimizer state ({optimizer_name(opt)})", optimizer_bytes(tensors, optimizer_name(opt))),
-        ]
-
-    def activation_terms(seqs: int, seq_len: int, logits: bool) -> list[tuple[str, int]]:
-        """What one forward/backward of `seqs` x `seq_len` tokens holds at its peak."""
-        tokens = seqs * seq_len
-        terms = [
-            ("activations: checkpointed layer inputs", L * tokens * d * cb),
-            (
-                "activations: one layer recomputed in backward (x2 with its grads)",
-                2 * layer_activation_bytes(shape, tokens, cb, dropout, lc.r),
-            ),
-            ("dequantized weight of the largest linear", max(fi * fo for _, fi, fo, _ in shape.linears()) * cb),
-        ]
-        if logits:  # one chunk of logits in the compute dtype, its fp32 log-softmax and its gradient
-            chunk_tokens = max(seqs, min(chunk, tokens))  # at least one position of every row per chunk
-            terms.append(("log-probs: one chunk of logits", chunk_tokens * V * (cb + 4 + 4)))
-        return terms
-
-    if stage == "sft":
-        sc = cfg.sft
+    if stage in ("sft", "rm", "dpo"):
+        sc = {"sft": cfg.sft, "rm": cfg.rm, "dpo": cfg.dpo}[stage]
         b, s = batch or sc.batch_size, length or sc.max_length
-        items = base + [("LoRA adapters (fp32): policy", 4 * sum(adapter))]
-        items += state_terms(1, 0, sc.optimizer) + activation_terms(b, s, logits=True)
-        return StageEstimate(stage, items, "sft.batch_size", b, "sft.max_length", s)
-    if stage == "rm":
-        rc = cfg.rm
-        b, s = batch or rc.batch_size, length or rc.max_length
-        items = base + [("LoRA adapters (fp32): reward", 4 * sum(adapter)), ("score head", head)]
-        # chosen and rejected in one pass
-        items += state_terms(1, 1, rc.optimizer) + activation_terms(2 * b, s, logits=False)
-        return StageEstimate(stage, items, "rm.batch_size", b, "rm.max_length", s)
-    if stage == "dpo":
-        dc = cfg.dpo
-        b, s = batch or dc.batch_size, length or dc.max_length
-        items = base + [("LoRA adapters (fp32): policy, reference", 2 * 4 * sum(adapter))]
-        items += state_terms(1, 0, dc.optimizer) + activation_terms(2 * b, s, logits=True)
-        return StageEstimate(stage, items, "dpo.batch_size", b, "dpo.max_length", s)
+        accumulating = sc.gradient_accumulation_steps > 1
+        if stage == "sft":
+            resident += [("LoRA adapters (fp32): policy", adapter_bytes)]
+            resident += trained(1, 0, sc.optimizer, accumulating)
+            phases = train_phases(acts(b, s, dropout), logits=True)
+        elif stage == "rm":
+            resident += [("LoRA adapters (fp32): reward", adapter_bytes), ("score head", head)]
+            resident += trained(1, 1, sc.optimizer, accumulating)
+            phases = train_phases(acts(sequences_per_prompt * b, s, dropout), logits=False)
+        else:  # chosen and rejected in one pass, through the policy and the reference (dropout off)
+            resident += [("LoRA adapters (fp32): policy, reference", 2 * adapter_bytes)]
+            resident += trained(1, 0, sc.optimizer, accumulating)
+            a = acts(2 * b, s, False)
+            phases = train_phases(a, logits=True)
+            phases["reference forward"] = a.common() + a.logprob_chunk(False, False)
+        return StageEstimate(stage, resident, phases, f"{stage}.batch_size", b, f"{stage}.max_length", s)
     if stage == "ppo":
         pc = cfg.ppo
         mb = batch or pc.micro_batch_size
         new = length or pc.max_new_tokens
-        s = pc.max_prompt_length + new
+        p_len = pc.max_prompt_length
+        s = p_len + new
         estimator = ESTIMATORS[pc.advantage]
         critic = estimator.critic and pc.critic == "separate"
         # no reward role (nor its head) when the score comes from reward functions alone
         roles = ["policy", "reference"] + (["reward"] if pc.reward_model else []) + (["value"] if critic else [])
         heads = pc.reward_model + estimator.critic  # reward head, and the value head (separate or shared)
-        items = base + [
-            (f"LoRA adapters (fp32): {', '.join(roles)}", len(roles) * 4 * sum(adapter)),
+        resident += [
+            (f"LoRA adapters (fp32): {', '.join(roles)}", len(roles) * adapter_bytes),
             ("score/value heads", heads * head),
         ]
+        resident += trained(1 + critic, int(estimator.critic), pc.optimizer, pc.mini_batch_size > mb)
         n_rollout = pc.rollout_batch_size * estimator.samples_per_prompt(pc.group_size)
         # sequences of the largest generate call; a compiled rollout fills its short calls up to the batch size
         n_gen = min(pc.generation_batch_size or n_rollout, n_rollout)
         if pc.compile_generation and pc.generation_batch_size:
             n_gen = pc.generation_batch_size
-        kv = 2 * L * shape.kv_heads * shape.head_dim * cb
-        rollout = [
-            ("rollout: KV cache", n_gen * s * kv),
-            ("rollout: last-position logits and sampling probabilities (fp32)", n_gen * V * (cb + 4 + 4)),
-            (
-                "rollout: prefill activations of one layer",
-                n_gen * pc.max_prompt_length * (d + 2 * shape.intermediate) * cb,
-            ),
-        ]
+        kv_row = 2 * shape.layers * shape.kv_heads * shape.head_dim * cb  # K and V of one position, every layer
+        prefill = acts(n_gen, p_len, False)
+        static = pc.generation_cache == "static"
+        phases = {
+            "rollout: prefill": [
+                ("rollout: KV cache", n_gen * (s if static else p_len) * kv_row),
+                *prefill.common(),
+                *prefill.prefill_layer(),
+            ],
+            # the last step: the cache at its full length (the dynamic one holds every position but the last
+            # token's), and either the step's logits being sampled (compute dtype, three fp32 copies) or, in a
+            # layer's MLP, the last step's fp32 logits and probabilities beside bitsandbytes' dequantized weight
+            "rollout: last decode step": [
+                ("rollout: KV cache", n_gen * (s if static else s - 1) * kv_row),
+                (
+                    "rollout: sampling logits, or the previous step's beside the dequantized largest weight",
+                    max(
+                        n_gen * shape.vocab * (cb + 12),
+                        n_gen * shape.vocab * 8 + max(fi * fo for _, fi, fo, _ in shape.linears()) * cb,
+                    ),
+                ),
+            ],
+        }
+        update = acts(mb, s, False)
+        phases["scoring"] = update.common() + update.logprob_chunk(True, False)
+        for name, items in train_phases(update, logits=True, response_only=True).items():
+            phases[f"update {name}"] = items
         buffers = ("rollout buffers (ids, log-probs, values, advantages)", n_rollout * s * (8 + 4 * 6))
-        update = activation_terms(mb, s, logits=True)
-        # the rollout's KV cache is freed before the update: the peak is the larger of the two phases
-        phase = rollout if sum(b for _, b in rollout) > sum(b for _, b in update) else update
-        items += state_terms(1 + critic, int(estimator.critic), pc.optimizer) + phase
-        items.append(buffers)
-        return StageEstimate(stage, items, "ppo.micro_batch_size", mb, "ppo.max_new_tokens", new)
+        for name in phases:
+            if not name.startswith("rollout"):
+                phases[name].append(buffers)
+        return StageEstimate(stage, resident, phases, "ppo.micro_batch_size", mb, "ppo.max_new_tokens", new)
     raise ValueError(f"no memory model for stage {stage!r}")
 
 
-def largest_fitting(cfg: RecipeConfig, shape: Shape, stage: str, card: int, what: str) -> int:
-    """The largest batch size (what="batch") or sequence length (what="length") whose peak fits `card` bytes;
-    0 when even 1 does not."""
+def largest_fitting(
+    cfg: RecipeConfig, shape: Shape, stage: str, card: int, what: str, sequences_per_prompt: int = 2
+) -> int:
+    """The largest batch size (what="batch") or sequence length (what="length") whose peak, the largest of the
+    stage's phases, fits `card` bytes; 0 when even 1 does not."""
 
     def fits(n: int) -> bool:
-        e = estimate_stage(cfg, shape, stage, **{what: n})
+        e = estimate_stage(cfg, shape, stage, sequences_per_prompt=sequences_per_prompt, **{what: n})
         return e.device_total <= card
 
     if not fits(1):
@@ -386,9 +554,11 @@ def gb(n: int) -> str:
     return f"{n / GiB:.2f} GB"
 
 
-def estimate_recipe(cfg: RecipeConfig, stages: list[str], shape_name: str | None = None) -> tuple[Shape, str, list]:
+def estimate_recipe(
+    cfg: RecipeConfig, stages: list[str], shape_name: str | None = None, sequences_per_prompt: int = 2
+) -> tuple[Shape, str, list]:
     shape, source = resolve_shape(shape_name or cfg.model.name_or_path)
-    return shape, source, [estimate_stage(cfg, shape, s) for s in stages]
+    return shape, source, [estimate_stage(cfg, shape, s, sequences_per_prompt=sequences_per_prompt) for s in stages]
 
 
 def check_fits(cfg: RecipeConfig, stage: str, device) -> None:
