@@ -309,8 +309,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         lines.append(f"  {'on the card (' + slack + ')':<{width}}{gb(e.device_total):>10}")
         if card is not None:
             fits = e.device_total <= card
-            batch = largest_fitting(cfg, shape, e.stage, card, "batch", k)
-            length = largest_fitting(cfg, shape, e.stage, card, "length", k)
+            batch = largest_fitting(cfg, shape, e.stage, card, "batch", args.responses_per_prompt)
+            length = largest_fitting(cfg, shape, e.stage, card, "length", args.responses_per_prompt)
             verdict = "fits" if fits else "DOES NOT FIT"
             lines.append(
                 f"  -> {verdict} in {gb(card)}: largest {e.batch_key} {batch or 'none'} "
