@@ -81,8 +81,11 @@ def test_llama_3_1_8b_by_hand():
     assert layer["activations: recomputed layer's fp32 norm inputs"] == 2 * 4 * t * d
     assert layer["activations: attention masks"] == 3 * 1024 * 1024
     chunk = dict(e.phases["backward: log-prob chunk"])
-    # at the chunk's backward: 1024 positions x 128256 logits, fp32 and bf16 (6 bytes per logit)
-    assert chunk["log-probs: one chunk's logits (fp32) and their compute-dtype copy"] == 1023 * 128_256 * 6
+    # 1023 positions x 128256 logits in bf16 (the head's output, which the backward makes the gradient), and the
+    # fp32 copy of an eighth of the rows (128 of 1023) at a time: 2.5 bytes per logit, in 512-byte blocks
+    assert chunk["log-probs: one chunk's logits (compute dtype)"] == 1023 * 128_256 * 2
+    assert chunk["log-probs: an eighth of them in fp32"] == 128 * 128_256 * 4
+    assert "log-probs: the logged entropy's softmax of an eighth (fp32)" not in chunk
     assert chunk["activations: final norm (fp32 input, output)"] == t * d * (4 + 2)
     assert e.peak_phase == "backward: log-prob chunk"
     assert e.allocated == sum(resident.values()) + sum(chunk.values()) == sum(dict(e.items).values())
@@ -140,10 +143,17 @@ def test_qwen2_5_0_5b_by_hand():
     # three 77824 (2 x (77824 + 1536)), two 2048 (2 x 8192)
     per_layer = 9 * 29_696 + 3 * 158_720 + 2 * 16_384
     assert resident["optimizer state (adamw_8bit)"] == 2 * 24 * per_layer + 2 * 3584 + 2048
-    # update phase: 2 x 256 tokens; its log-prob chunk (2 x 128 response positions x 151936 x 6 B) outweighs
-    # the rollout's KV cache (8 x 128 prompt tokens x 2 x 24 layers x 128 x 2 B = 12.6 MB), so an update phase peaks
+    # update phase: 2 x 256 tokens; its log-prob chunk (2 x 128 response positions x 151936 logits: bf16, and an
+    # eighth's fp32 copy beside the logged entropy's softmax of it, 3 bytes per logit) outweighs the rollout's KV
+    # cache (8 x 128 prompt tokens x 2 x 24 layers x 128 x 2 B = 12.6 MB), so an update phase peaks
     update = dict(e.phases["update backward: log-prob chunk"])
-    assert update["log-probs: one chunk's logits (fp32) and their compute-dtype copy"] == 256 * 151_936 * 6
+    assert update["log-probs: one chunk's logits (compute dtype)"] == 256 * 151_936 * 2
+    assert update["log-probs: an eighth of them in fp32"] == 32 * 151_936 * 4
+    assert update["log-probs: the logged entropy's softmax of an eighth (fp32)"] == 32 * 151_936 * 4
+    # the scoring passes log no entropy: 2.5 bytes per logit
+    scoring = dict(e.phases["scoring"])
+    assert "log-probs: the logged entropy's softmax of an eighth (fp32)" not in scoring
+    assert scoring["log-probs: an eighth of them in fp32"] == 32 * 151_936 * 4
     assert dict(e.phases["rollout: prefill"])["rollout: KV cache"] == 8 * 128 * 2 * 24 * 128 * 2
     assert e.peak_phase == "update backward: log-prob chunk"
     big = estimate_stage(replace(c, ppo=replace(c.ppo, rollout_batch_size=256)), shape, "ppo")
@@ -156,11 +166,11 @@ def test_qwen2_5_0_5b_by_hand():
     assert last["rollout: sampling logits, or the previous step's beside the dequantized largest weight"] == (
         256 * 151_936 * 14
     )
-    # generating 32 sequences per call bounds the cache at 32 rows, and the update phase is the peak again
-    chunked_cfg = replace(c, ppo=replace(c.ppo, rollout_batch_size=256, generation_batch_size=32))
+    # generating 16 sequences per call bounds the cache at 16 rows, and the update phase is the peak again
+    chunked_cfg = replace(c, ppo=replace(c.ppo, rollout_batch_size=256, generation_batch_size=16))
     chunked = estimate_stage(chunked_cfg, shape, "ppo")
     assert chunked.peak_phase == "update backward: log-prob chunk"
-    assert dict(chunked.phases["rollout: prefill"])["rollout: KV cache"] == 32 * 128 * 2 * 24 * 128 * 2
+    assert dict(chunked.phases["rollout: prefill"])["rollout: KV cache"] == 16 * 128 * 2 * 24 * 128 * 2
     # calls of 128 of 1024 rollout rows (GRPO, 4 per prompt): the rollout is the peak again, with 128 rows
     grpo = replace(c.ppo, rollout_batch_size=256, advantage="grpo", group_size=4, generation_batch_size=128)
     calls = estimate_stage(replace(c, ppo=grpo), shape, "ppo")
@@ -172,6 +182,14 @@ def test_qwen2_5_0_5b_by_hand():
     static = estimate_stage(replace(c, ppo=compiled), shape, "ppo").phases["rollout: prefill"]
     assert dict(static)["rollout: KV cache"] == 4096 * 256 * 2 * 24 * 128 * 2  # preallocated to the full length
     assert e.batch == 2 and e.length == 128
+
+
+def test_logit_pieces_are_the_chunks():
+    """The estimator counts the fp32 copy of the same fraction of a chunk's rows as ops.logprobs makes."""
+    from lowmem_rlhf.model.memory import LOGIT_PIECES
+    from lowmem_rlhf.ops.logprobs import _PIECES
+
+    assert LOGIT_PIECES == _PIECES
 
 
 RECORD = REPO / "benchmarks" / "results" / "memory_traced.json"

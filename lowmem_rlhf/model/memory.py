@@ -8,9 +8,10 @@ blocks):
   quantization constants; embeddings, `lm_head` unless tied, norms, biases and rotary buffers in the
   compute dtype), the fp32 LoRA adapters of every role the stage holds, bias-free fp32 scalar heads,
   the trainable roles' optimizer state, and their fp32 gradients when micro-batches accumulate;
-- a training pass under gradient checkpointing (`Activations`): the backward of a log-prob chunk (every
-  layer's checkpointed input, the final norm, one chunk's logits at 6 bytes per logit in bf16) or of one
-  recomputed layer (its saved tensors and MLP gradients);
+- a training pass under gradient checkpointing (`Activations`): a log-prob chunk (every layer's checkpointed
+  input, the final norm, one chunk's logits: in bf16 the head's output and an eighth of it in fp32, 2.5
+  bytes per logit, 3 with the logged entropy's softmax) or the backward of one recomputed layer (its saved
+  tensors and MLP gradients);
 - RL: the rollout's prefill (KV cache of the prompts, one layer's forward) and last decode step (the
   full KV cache, one layer's K and V being extended, the last position's logits), the scoring passes.
 
@@ -44,6 +45,7 @@ BLOCK = 64  # bitsandbytes 4-bit block size
 NESTED_BLOCK = 256  # blocks per fp32 constant under double quantization
 ALLOC_BLOCK = 512  # the CUDA caching allocator's granularity
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps optimizer state of smaller tensors in 32 bits
+LOGIT_PIECES = 8  # ops.logprobs._PIECES: a low-precision chunk's logits are made fp32 this fraction of rows at a time
 FUSED_MODEL_TYPES = ("phi3",)  # one qkv_proj and one gate_up_proj per layer
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")  # RMSNorm before and after attention and MLP; embedding scale
 
@@ -290,14 +292,26 @@ class Activations:
         span = self.length // 2 if response_only else self.length - 1
         return self.seqs * min(positions, span)
 
-    def logprob_chunk(self, response_only: bool, grad: bool) -> list[tuple[str, int]]:
-        """A log-prob chunk: its fp32 logits and the head's compute-dtype output (forward) or the gradient made in
-        their place (backward): 6 bytes per logit in bf16, 4 in fp32; the final norm's fp32 input and output."""
+    def logprob_chunk(self, response_only: bool, grad: bool, entropy: bool = False) -> list[tuple[str, int]]:
+        """A log-prob chunk (ops.logprobs._ChunkLogprobs) at its largest, forward or backward: the head's output
+        for the chunk's tokens and, in a low-precision dtype, the fp32 copy of an eighth of its rows (the
+        backward writes the gradient into the output's storage): 2.5 bytes per logit in bf16; fp32 logits are
+        worked on in place, 4 bytes. `entropy`: the logged entropy's softmax of one such eighth beside it (in
+        the forward; PPO's update). The final norm's fp32 input and output."""
         s, d = self.shape, self.shape.hidden
         c = self.chunk_tokens(response_only)
-        per_logit = 4 + (self.cb if self.cb != 4 else 0)
+        piece = -(-c // LOGIT_PIECES)  # rows of one eighth (torch.split's size)
+        if self.cb == 4:  # fp32 head: one piece, in place; the entropy's softmax an eighth at a time
+            logits = [("log-probs: one chunk's logits (fp32)", rounded(c * s.vocab * 4))]
+        else:
+            logits = [
+                ("log-probs: one chunk's logits (compute dtype)", rounded(c * s.vocab * self.cb)),
+                ("log-probs: an eighth of them in fp32", rounded(piece * s.vocab * 4)),
+            ]
+        if entropy:
+            logits.append(("log-probs: the logged entropy's softmax of an eighth (fp32)", rounded(piece * s.vocab * 4)))
         items = [
-            ("log-probs: one chunk's logits (fp32) and their compute-dtype copy", c * s.vocab * per_logit),
+            *logits,
             ("activations: final norm (fp32 input, output)", self.unit(d, 4) + self.unit(d)),
         ]
         if grad:
@@ -434,11 +448,14 @@ def estimate_stage(
     def acts(seqs: int, seq_len: int, dropout: bool) -> Activations:
         return Activations(shape, cb, seqs, seq_len, mc.logprob_chunk_size, lc.r, dropout)
 
-    def train_phases(a: Activations, logits: bool, response_only: bool = False) -> dict[str, list[tuple[str, int]]]:
+    def train_phases(
+        a: Activations, logits: bool, response_only: bool = False, entropy: bool = False
+    ) -> dict[str, list[tuple[str, int]]]:
         """A training pass with gradient checkpointing: the log-prob chunk's backward, then each layer's."""
         phases = {"backward: recomputed layer": a.checkpointed() + a.common() + a.recomputed_layer()}
         if logits:
-            phases["backward: log-prob chunk"] = a.checkpointed() + a.common() + a.logprob_chunk(response_only, True)
+            chunk = a.logprob_chunk(response_only, True, entropy)
+            phases["backward: log-prob chunk"] = a.checkpointed() + a.common() + chunk
         return phases
 
     dropout = lc.dropout > 0
@@ -507,7 +524,8 @@ def estimate_stage(
         }
         update = acts(mb, s, False)
         phases["scoring"] = update.common() + update.logprob_chunk(True, False)
-        for name, items in train_phases(update, logits=True, response_only=True).items():
+        # the update logs the policy's entropy (no graph) from the chunks' forward
+        for name, items in train_phases(update, logits=True, response_only=True, entropy=True).items():
             phases[f"update {name}"] = items
         buffers = ("rollout buffers (ids, log-probs, values, advantages)", n_rollout * s * (8 + 4 * 6))
         for name in phases:
