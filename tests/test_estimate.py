@@ -74,10 +74,14 @@ def test_llama_3_1_8b_by_hand():
     # the unquantized tensors in 512-byte blocks: embeddings, lm_head, 65 norms (8192 B each), two rotary buffers
     assert resident["base: embeddings, lm_head, norms (unquantized)"] == 2 * 128_256 * 4096 * 2 + 65 * 8192 + 2 * 512
     t, d, i = 1024, 4096, 14336
-    layer = dict(e.phases["backward: recomputed layer"])
+    layer_phase, recomputed = "backward: recomputed layer", "activations: recomputed layer (compute dtype)"
+    layer = dict(e.phases[layer_phase])
     assert layer["activations: checkpointed layer inputs"] == 32 * t * d * 2
-    # 3 hidden-wide, q and rotated q, k and v repeated to the 32 query heads, 6 intermediate-wide (bf16)
-    assert layer["activations: recomputed layer (compute dtype)"] == 2 * t * (3 * d + 2 * d + 2 * d) + 6 * 2 * t * i
+    # 3 hidden-wide, q and rotated q, k and v repeated to the 32 query heads, 5 intermediate-wide (bf16) beside
+    # down_proj's weight, which its 4-bit backward dequantizes (4096 x 14336 bf16: more than a sixth 1024 x 14336)
+    assert layer["activations: recomputed layer (compute dtype)"] == (
+        2 * t * (3 * d + 2 * d + 2 * d) + 5 * 2 * t * i + 2 * d * i
+    )
     assert layer["activations: recomputed layer's fp32 norm inputs"] == 2 * 4 * t * d
     assert layer["activations: attention masks"] == 3 * 1024 * 1024
     chunk = dict(e.phases["backward: log-prob chunk"])
@@ -106,6 +110,24 @@ def test_llama_3_1_8b_by_hand():
     assert pairs.phases["backward: recomputed layer"][0][1] == 32 * 4 * 1024 * d * 2
     assert fours.phases["backward: recomputed layer"][0][1] == 32 * 8 * 1024 * d * 2
     assert dict(pairs.resident)["score head"] == 4 * d  # a bias-free fp32 Linear(d, 1)
+    # 2 x 4096 tokens: a sixth intermediate-wide tensor (8192 x 14336) outweighs the dequantized weight; so does
+    # any one without 4-bit weights (no dequantized weight)
+    long = dict(estimate_stage(cfg(sft={"batch_size": 2, "max_length": 4096}), shape, "sft").phases[layer_phase])
+    t = 8192
+    assert long[recomputed] == 2 * t * (3 * d + 2 * d + 2 * d) + 6 * 2 * t * i
+    plain = cfg(sft={"batch_size": 1, "max_length": 1024}, model={"quantization": "none"})
+    t = 1024
+    assert dict(estimate_stage(plain, shape, "sft").phases[layer_phase])[recomputed] == (
+        2 * t * (3 * d + 2 * d + 2 * d) + 6 * 2 * t * i
+    )
+    # PPO with a separate critic: the value's pass follows the policy's backward, whose fp32 LoRA gradients are
+    # alive in it; accumulated over micro-batches, they are resident instead; GRPO has no critic's pass
+    rl = {"micro_batch_size": 4, "mini_batch_size": 4}
+    ppo = estimate_stage(cfg(ppo=rl), shape, "ppo").phases["update backward: recomputed layer"]
+    assert dict(ppo)["gradients of the policy's LoRA (fp32)"] == 4 * lora
+    for other in ({**rl, "mini_batch_size": 8}, {**rl, "advantage": "grpo"}):
+        e = estimate_stage(cfg(ppo=other), shape, "ppo")
+        assert "gradients of the policy's LoRA (fp32)" not in dict(e.phases["update backward: recomputed layer"])
 
 
 def test_qwen2_5_0_5b_by_hand():

@@ -270,6 +270,7 @@ class Activations:
     chunk: int
     lora_r: int
     dropout: bool
+    dequantized: int = 0  # bytes of down_proj's weight as a 4-bit layer's backward dequantizes it (else 0)
 
     @property
     def tokens(self) -> int:
@@ -328,12 +329,15 @@ class Activations:
     def recomputed_layer(self) -> list[tuple[str, int]]:
         """One decoder layer recomputed in the backward pass, at its MLP's backward: the layer's saved tensors
         (norm outputs, q and rotated q, k and v repeated to every query head, attention output, gate/up and their
-        activation, the residual) with its MLP gradients, two fp32 norm inputs, the float and boolean masks."""
+        activation, the residual) with its MLP gradients, two fp32 norm inputs, the float and boolean masks.
+        Six intermediate-wide tensors are alive at once in the MLP's backward, or five beside `down_proj`'s
+        dequantized weight while a 4-bit `down_proj` makes its input's gradient: whichever is larger."""
         s = self.shape
         d, q, i = s.hidden, s.heads * s.head_dim, s.intermediate
         gqa = 2 * q if s.kv_heads < s.heads else 2 * s.kv_heads * s.head_dim
+        mlp = 5 * self.unit(i) + max(self.unit(i), rounded(self.dequantized))
         items = [
-            ("activations: recomputed layer (compute dtype)", self.unit(3 * d + 2 * q + gqa) + 6 * self.unit(i)),
+            ("activations: recomputed layer (compute dtype)", self.unit(3 * d + 2 * q + gqa) + mlp),
             ("activations: recomputed layer's fp32 norm inputs", 2 * self.unit(d, 4)),
             ("activations: attention masks", rounded(3 * self.seqs * self.length**2)),
             ("activations: attention log-sum-exp (fp32)", rounded(4 * self.seqs * s.heads * self.length)),
@@ -445,8 +449,11 @@ def estimate_stage(
             )
         return items
 
+    # a 4-bit linear's backward dequantizes its weight to the compute dtype to make its input's gradient
+    dequantized = shape.intermediate * shape.hidden * cb if mc.quantization in ("nf4", "fp4") else 0
+
     def acts(seqs: int, seq_len: int, dropout: bool) -> Activations:
-        return Activations(shape, cb, seqs, seq_len, mc.logprob_chunk_size, lc.r, dropout)
+        return Activations(shape, cb, seqs, seq_len, mc.logprob_chunk_size, lc.r, dropout, dequantized)
 
     def train_phases(
         a: Activations, logits: bool, response_only: bool = False, entropy: bool = False
@@ -527,6 +534,10 @@ def estimate_stage(
         # the update logs the policy's entropy (no graph) from the chunks' forward
         for name, items in train_phases(update, logits=True, response_only=True, entropy=True).items():
             phases[f"update {name}"] = items
+        if critic and pc.mini_batch_size <= mb:  # (accumulated gradients are resident already)
+            # a separate critic's pass follows the policy's backward: the policy's gradients are alive in its
+            grads = tensor_bytes([4 * n for n in adapter])
+            phases["update backward: recomputed layer"].append(("gradients of the policy's LoRA (fp32)", grads))
         buffers = ("rollout buffers (ids, log-probs, values, advantages)", n_rollout * s * (8 + 4 * 6))
         for name in phases:
             if not name.startswith("rollout"):
