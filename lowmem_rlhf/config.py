@@ -123,7 +123,8 @@ class ModelConfig(_Checked):
     logprob_chunk_size: int = _f(
         1024,
         "Tokens (over the whole batch) per chunk when computing log-probs, so full fp32 logits are never "
-        "materialised: a chunk's logits take this x vocab x 4 bytes.",
+        "materialised: a chunk's logits take this x vocab x 2.5 bytes with a bf16/fp16 head (its output, and an "
+        "eighth of it in fp32 at a time), 4 with an fp32 one.",
         range=AT_LEAST_1,
     )
 
