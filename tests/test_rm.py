@@ -297,7 +297,7 @@ def test_grouped_rankings_score_each_response_once_and_equal_the_pairwise_loss(t
     torch.testing.assert_close(lg, lp, rtol=1e-6, atol=1e-6)
     assert mg == pytest.approx(mp, rel=1e-5)
     assert float(grouped["weights"].sum()) == pytest.approx(3.0)  # each prompt counts once, as in the pairwise form
-    for a, b in zip(gg, gp):  # fp32: the pairwise form sums each response's gradient over its K-1 copies
+    for a, b in zip(gg, gp, strict=True):  # fp32: the pairwise form sums each response's gradient over its K-1 copies
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     assert any(bool(g.abs().sum() > 0) for g in gg)
 
@@ -373,7 +373,8 @@ def test_eval_accuracy_and_margin_are_weighted_like_the_loss(monkeypatch):
     monkeypatch.setattr(rm, "sequence_scores", lambda model, head, ids, mask: ids[:, 1].float())
     bank = SimpleNamespace(head=lambda role: None, use=lambda role: nullcontext(), device=torch.device("cpu"))
     third = 1 / 3
-    ranking = GroupExample([[1, 9], [1, 5], [1, 2]], [1, 1, 1], [(0, 1, third, 0.0), (0, 2, third, 0.0), (1, 2, third, 0.0)])
+    pairs = [(0, 1, third, 0.0), (0, 2, third, 0.0), (1, 2, third, 0.0)]
+    ranking = GroupExample([[1, 9], [1, 5], [1, 2]], [1, 1, 1], pairs)
     pair = GroupExample([[1, 3], [1, 7]], [1, 1], [(0, 1, 1.0, 0.0)])  # wrong by 4
     diag = rm.evaluate_pairs(bank, "reward", [ranking, pair], 0, 1)
     # two prompts, each counting once: the ranking's three right pairs weigh as much as the one wrong pair

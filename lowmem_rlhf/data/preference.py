@@ -202,7 +202,7 @@ def _sequence_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) 
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
-        "response_lengths": torch.tensor([len(s) - p for s, p in zip(seqs, prompt_lens)]),
+        "response_lengths": torch.tensor([len(s) - p for s, p in zip(seqs, prompt_lens, strict=True)]),
     }
 
 

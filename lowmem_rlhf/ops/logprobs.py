@@ -1,10 +1,11 @@
 """Token log-probabilities without materialising [b, t, v] fp32 logits (pitfall 11).
 
 With a 128k vocabulary the full fp32 logits of a 16 x 512 batch take 4 GiB: more than the 4-bit
-weights of an 8B model. We project hidden states to logits one chunk of positions at a time, in fp32,
-and keep only the (b, t) log-probs. A chunk holds `chunk_size` tokens counted over the whole batch
-(chunk_size // b positions of every row), so its logits take chunk_size x vocab x 4 bytes whatever
-the batch size. The backward pass recomputes one chunk's logits at a time, and turns them into their
+weights of an 8B model. We project hidden states to logits one chunk of positions at a time and keep
+only the (b, t) log-probs. A chunk holds `chunk_size` tokens counted over the whole batch
+(chunk_size // b positions of every row), whatever the batch size; a bf16/fp16 head's logits are made
+fp32 an eighth of the chunk's rows at a time (about 2.5 bytes per logit alive), fp32 logits are
+worked on whole (4 bytes). The backward pass recomputes one chunk's logits at a time, and turns them into their
 gradient in place (`_ChunkLogprobs`). The same chunks give the entropy of the whole next-token
 distribution (PPO's entropy bonus) for the price of one softmax per chunk.
 """

@@ -1,9 +1,10 @@
 """Reward model: a LoRA adapter + fp32 score head on the shared 4-bit base, Bradley-Terry loss.
 
 We reuse our own loop rather than TRL's RewardTrainer: it must weight a K-way ranking's C(K,2) pairs
-so each prompt counts once, train on a ranking as one group (its K responses scored once, all C(K,2)
-Bradley-Terry terms from those K scores: K forwards instead of K(K-1), as InstructGPT does), read the score at the last real token whatever the padding (pitfall 3),
-save the fp32 head beside a standard PEFT adapter (pitfall 8), and resume exactly like every stage.
+so each prompt counts once, train on a ranking as one group (its K responses scored once, all
+C(K,2) Bradley-Terry terms from those K scores: K forwards instead of K(K-1), as InstructGPT does),
+read the score at the last real token whatever the padding (pitfall 3), save the fp32 head beside a
+standard PEFT adapter (pitfall 8), and resume exactly like every stage.
 
 Output `output_dir/reward/`: the adapter, `head.safetensors`, `reward_stats.json` (mean/std of
 training-set rewards, for PPO's reward normalisation), `diagnostics.json` and `metrics.jsonl`.
