@@ -233,7 +233,7 @@ def _lean_bank(dtype: str):
         for p in params:
             p.normal_(0, 0.2)
     layers = [m for m in bank.peft_model.modules() if isinstance(m, Linear4bit)]
-    assert layers and all(type(m).__name__ == "LeanLoRA4bit" for m in layers)
+    assert layers and all(type(m).__name__ == "LeanLoraLinear4bit" for m in layers)
     assert all(p.dtype == torch.float32 for p in params)  # the adapters stay fp32 master weights
     return bank, params, layers
 
@@ -290,3 +290,15 @@ def test_lean_4bit_lora_forward_in_bf16_rounds_only_the_lora_product(tiny_path):
     torch.testing.assert_close(lean[1], peft[1], rtol=2**-6, atol=2**-6 * peft[1].abs().max().item())
     for a, b in zip(lean[2], peft[2], strict=True):
         assert torch.linalg.vector_norm(a - b) <= 0.02 * torch.linalg.vector_norm(b)
+
+
+def test_a_second_all_linear_role_finds_the_same_layers_under_the_lean_forward(tiny_path):
+    """peft resolves `all-linear` on a model that already has LoRA layers by their class name ("...Linear...");
+    the lean 4-bit layer keeps such a name, so a second fresh role targets the same modules as the first."""
+    model, _ = load_base(ModelConfig(device="cpu"))
+    bank = AdapterBank(model)
+    assert LoRAConfig().target_modules == "all-linear"
+    bank.add_role("policy", lora=lora_config(LoRAConfig(r=4, alpha=8)), trainable=True)
+    bank.add_role("reward", lora=lora_config(LoRAConfig(r=4, alpha=8)), head=True)
+    targets = {n: set(c.target_modules) for n, c in bank.peft_model.peft_config.items()}
+    assert targets["policy"] == targets["reward"] and len(targets["policy"]) == 7

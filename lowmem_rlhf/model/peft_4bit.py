@@ -8,7 +8,7 @@ linear) costs memory that its arithmetic does not need, in every layer recompute
   copy of the (n, in) input that the LoRA A matmul keeps for the backward pass, and the LoRA output
   computed as an fp32 (n, out) tensor before it is cast back and added.
 
-`LeanLoRA4bit.forward` runs the LoRA matmuls in the input's dtype, with the fp32 adapter weights cast to
+`LeanLoraLinear4bit.forward` runs the LoRA matmuls in the input's dtype, with the fp32 adapter weights cast to
 it (r x (in + out) elements: small), adds the result to the 4-bit output out of place (no autograd node
 keeps that output, so nothing needs the clone), and leaves the rest (merged or disabled adapters, mixed
 adapter batches, DoRA and other variants, autocast) to peft's own forward. Gradients still reach the fp32
@@ -87,7 +87,7 @@ def _lean_class(base: type) -> type:
                 result = result + out.to(result.dtype)
             return result
 
-        _lean_classes[base] = type("LeanLoRA4bit", (base,), {"forward": forward, "__module__": __name__})
+        _lean_classes[base] = type("LeanLoraLinear4bit", (base,), {"forward": forward, "__module__": __name__})
     return _lean_classes[base]
 
 
