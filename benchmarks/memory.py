@@ -248,7 +248,7 @@ def _optimizer(params, name: str, lr: float):
 
 def _train_steps(args, tracer: MemoryTracer, bank, role: str, cfg, batch: dict, loss_fn: Callable, total: float):
     """TrainLoop's step (loss_fn's weighted sum, backward, clip, optimizer step) on `batch`, `args.steps` times."""
-    from lowmem_rlhf.train.loop import build_scheduler, grad_norm_, step_or_skip
+    from lowmem_rlhf.train.runner import build_scheduler, grad_norm_, step_or_skip
 
     params = bank.trainable_parameters()
     tracer.params = params
@@ -378,7 +378,7 @@ def run_ppo(args, model, tracer: MemoryTracer):
     rollout): here it returns max_new_tokens tokens per prompt without running."""
     import lowmem_rlhf.train.ppo as ppo_mod
     from lowmem_rlhf.rollout.generate import Generation
-    from lowmem_rlhf.train.loop import build_scheduler
+    from lowmem_rlhf.train.runner import build_scheduler
 
     bank = _rl_bank(args, model)
     pc = ppo_config(args)

@@ -54,8 +54,8 @@ from lowmem_rlhf.ops import (
 from lowmem_rlhf.rollout.generate import Generation, SamplingConfig, generate
 from lowmem_rlhf.stages.ppo import build_rl_bank
 from lowmem_rlhf.tiny.model import cache_root
-from lowmem_rlhf.train.loop import build_optimizer
 from lowmem_rlhf.train.ppo import PPOTrainer, response_forward
+from lowmem_rlhf.train.runner import build_optimizer
 
 BENCHMARK = "ppo_shared_backbone"
 MODES = ("shared", "separate", "both")

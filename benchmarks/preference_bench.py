@@ -42,7 +42,7 @@ from lowmem_rlhf.model.loading import load_base, resolve_device, resolve_dtype
 from lowmem_rlhf.stages.dpo import _collate, dpo_loss_sum, reference_logprobs
 from lowmem_rlhf.stages.rm import rm_loss_sum
 from lowmem_rlhf.tiny.model import cache_root
-from lowmem_rlhf.train.loop import build_optimizer
+from lowmem_rlhf.train.runner import build_optimizer
 
 STAGES = ("rm", "dpo")
 TRAINED_ROLE = {"rm": "reward", "dpo": "policy"}

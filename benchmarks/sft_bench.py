@@ -26,8 +26,8 @@ from lowmem_rlhf.config import LoRAConfig, ModelConfig, SFTConfig
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, resolve_device, resolve_dtype
 from lowmem_rlhf.tiny.model import cache_root
-from lowmem_rlhf.train.loop import build_optimizer
 from lowmem_rlhf.train.losses import sft_loss_sum
+from lowmem_rlhf.train.runner import build_optimizer
 
 BENCHMARK = "sft_qlora"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

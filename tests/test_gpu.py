@@ -8,7 +8,7 @@ from lowmem_rlhf.config import LoRAConfig, ModelConfig, SFTConfig
 from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.forward import token_logprobs
 from lowmem_rlhf.model.loading import load_base
-from lowmem_rlhf.train.loop import build_optimizer
+from lowmem_rlhf.train.runner import build_optimizer
 
 pytestmark = pytest.mark.gpu
 

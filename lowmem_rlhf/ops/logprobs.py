@@ -5,8 +5,8 @@ weights of an 8B model. We project hidden states to logits one chunk of position
 only the (b, t) log-probs. A chunk holds `chunk_size` tokens counted over the whole batch
 (chunk_size // b positions of every row), whatever the batch size; a bf16/fp16 head's logits are made
 fp32 an eighth of the chunk's rows at a time (about 2.5 bytes per logit alive), fp32 logits are
-worked on whole (4 bytes). The backward pass recomputes one chunk's logits at a time, and turns them into their
-gradient in place (`_ChunkLogprobs`). The same chunks give the entropy of the whole next-token
+worked on whole (4 bytes). The backward pass recomputes one chunk's logits at a time and turns them into
+their gradient in place (`_ChunkLogprobs`). The same chunks give the entropy of the whole next-token
 distribution (PPO's entropy bonus) for the price of one softmax per chunk.
 """
 
@@ -33,8 +33,7 @@ def _softmax_dot(z: torch.Tensor, pieces: int = _PIECES) -> torch.Tensor:
     """sum_v softmax(z)_v z_v over the last dim, the softmax made for 1/`pieces` of the rows at a time: each
     row's values are those of the whole-tensor expression, with an eighth of a chunk alive instead of a chunk."""
     rows = z.reshape(-1, z.shape[-1])
-    step = max(1, -(-rows.shape[0] // pieces))
-    out = [(torch.softmax(r, dim=-1).unsqueeze(-2) @ r.unsqueeze(-1)).squeeze(-1).squeeze(-1) for r in rows.split(step)]
+    out = [torch.softmax(r, dim=-1).unsqueeze(-2) @ r.unsqueeze(-1) for r in _pieces(rows, pieces)]
     return torch.cat(out).reshape(z.shape[:-1])
 
 
@@ -83,9 +82,9 @@ class _ChunkLogprobs(torch.autograd.Function):
     alive); a bf16 head's logits are made fp32 an eighth of the rows at a time, in the forward as in the
     backward, and with a linear head the bf16 logits' storage takes the bf16 gradient: 2.5 bytes per logit
     alive at most (the bf16 logits, and one eighth's fp32 copy), against 6 for one fp32 copy of the whole
-    chunk. Every operation is the
-    one autograd would run, on the same values and in the same order, so the values and gradients are
-    those of the plain expression to the bit. The entropy, when asked for, is returned without a graph.
+    chunk. Every operation is the one autograd would run, on the same values and in the same order, so the
+    values and gradients are those of the plain expression to the bit. The entropy, when asked for, is
+    returned without a graph.
     """
 
     @staticmethod

@@ -26,7 +26,7 @@ from lowmem_rlhf.config import ModelConfig, RecipeConfig, config_from_dict, conf
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.train.checkpoint import Checkpointer
 from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text
-from lowmem_rlhf.train.loop import fingerprint
+from lowmem_rlhf.train.runner import fingerprint
 
 logger = logging.getLogger(__name__)
 

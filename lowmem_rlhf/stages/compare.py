@@ -50,8 +50,8 @@ from lowmem_rlhf.stages.common import (
     stage_settings,
 )
 from lowmem_rlhf.train.io import atomic_write_json, atomic_write_text, strict_dumps
-from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.metrics import read_metrics
+from lowmem_rlhf.train.runner import fingerprint
 
 logger = logging.getLogger(__name__)
 

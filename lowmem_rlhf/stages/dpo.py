@@ -30,7 +30,8 @@ from lowmem_rlhf.ops import dpo_loss, pairwise_accuracy
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
-from lowmem_rlhf.train.loop import LoopResult, TrainLoop, fingerprint
+from lowmem_rlhf.train.loop import TrainLoop
+from lowmem_rlhf.train.runner import LoopResult, fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from lowmem_rlhf.rewards import RewardFunction, load_reward_fns, score_samples
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
-from lowmem_rlhf.train.loop import fingerprint
 from lowmem_rlhf.train.ppo import PPOTrainer
+from lowmem_rlhf.train.runner import fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from lowmem_rlhf.model.bank import AdapterBank, lora_config
 from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.stages.common import begin_stage, locked_stage, seed_everything, stage_settings
-from lowmem_rlhf.train.loop import TrainLoop, fingerprint
+from lowmem_rlhf.train.loop import TrainLoop
 from lowmem_rlhf.train.losses import sft_loss_sum
+from lowmem_rlhf.train.runner import fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -28,17 +28,7 @@ from lowmem_rlhf import distributed
 from lowmem_rlhf.config import TrainingConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.bank import AdapterBank
-from lowmem_rlhf.train.runner import (  # noqa: F401  re-exported: the stages and benchmarks import them from here
-    LoopResult,
-    LoopRunner,
-    build_optimizer,
-    build_scheduler,
-    diverged,
-    fingerprint,
-    grad_norm_,
-    interrupted,
-    step_or_skip,
-)
+from lowmem_rlhf.train.runner import LoopRunner
 from lowmem_rlhf.train.usage import peak_memory
 
 logger = logging.getLogger(__name__)
