@@ -34,7 +34,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.ppo_bench import make_adapters, random_prompts
+from benchmarks.ppo_bench import bench_trainer, make_adapters, random_prompts
 from benchmarks.sft_bench import _positive, versions, write_result
 from benchmarks.shapes import SHAPES, build_config, build_random_checkpoint, param_count
 from benchmarks.trl_grpo_bench import grpo_config, load_reward_model, prompt_texts
@@ -50,7 +50,6 @@ from lowmem_rlhf.model.loading import (
 )
 from lowmem_rlhf.stages.ppo import build_rl_bank
 from lowmem_rlhf.tiny.model import cache_root
-from lowmem_rlhf.train.ppo import PPOTrainer
 
 BENCHMARK = "load_time"
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS, MICRO_BATCH = 2, 2, 8, 8, 2  # only the trainers' constructors read them
@@ -116,18 +115,7 @@ def ours(s: argparse.Namespace) -> Phases:
         with t.phase("roles"):
             bank = build_rl_bank(model, s.sft_dir, s.reward_dir, s.pc, gradient_checkpointing=True)
         with t.phase("trainer"):
-            PPOTrainer(
-                bank=bank,
-                pc=s.pc,
-                stage_dir=s.tmp / "ppo",
-                prompts=s.prompts,
-                prompt_texts=[""] * len(s.prompts),
-                tokenizer=tokenizer,
-                seed=s.seed,
-                settings={},
-                reward_stats=None,
-                chunk_size=s.model_cfg.logprob_chunk_size,
-            )
+            bench_trainer(bank, s.pc, s.tmp / "ppo", s.prompts, tokenizer, s.seed, s.model_cfg.logprob_chunk_size)
     return t
 
 

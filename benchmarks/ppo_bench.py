@@ -221,6 +221,22 @@ def random_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]
     return torch.randint(len(SPECIAL_TOKENS), vocab, (n, length), generator=g).tolist()
 
 
+def bench_trainer(bank, pc, stage_dir: Path, prompts: list[list[int]], tokenizer, seed: int, chunk_size: int):
+    """The PPOTrainer a benchmark drives: token prompts only, no reward statistics, no recorded settings."""
+    return PPOTrainer(
+        bank=bank,
+        pc=pc,
+        stage_dir=stage_dir,
+        prompts=prompts,
+        prompt_texts=[""] * len(prompts),
+        tokenizer=tokenizer,
+        seed=seed,
+        settings={},
+        reward_stats=None,
+        chunk_size=chunk_size,
+    )
+
+
 def make_adapters(
     model: torch.nn.Module, lora: LoRAConfig, out_dir: Path, seed: int, roles: tuple[str, ...] = ("sft", "reward")
 ) -> tuple[Path, ...]:
@@ -387,18 +403,7 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
         model_loaded_gib = meter.allocated_gib()
         sft_dir, reward_dir = make_adapters(model, s.lora, Path(tmp) / "adapters", s.seed)
         bank = build_rl_bank(model, sft_dir, reward_dir, s.pc, gradient_checkpointing=True)
-        trainer = PPOTrainer(
-            bank=bank,
-            pc=s.pc,
-            stage_dir=Path(tmp) / "ppo",
-            prompts=s.prompts,
-            prompt_texts=[""] * len(s.prompts),
-            tokenizer=tokenizer,
-            seed=s.seed,
-            settings={},
-            reward_stats=None,
-            chunk_size=s.chunk_size,
-        )
+        trainer = bench_trainer(bank, s.pc, Path(tmp) / "ppo", s.prompts, tokenizer, s.seed, s.chunk_size)
         _sync(s.device)
         load_s = time.perf_counter() - t0
     loaded_gib = meter.allocated_gib()
