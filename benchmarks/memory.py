@@ -65,6 +65,7 @@ class MemoryTracer(TorchDispatchMode):
         self.snapshot: dict[int, tuple[weakref.ref, int, tuple]] = {}
         self.snapshot_grads: set[int] = set()
         self.params: list[torch.nn.Parameter] = []  # trainable parameters, whose .grad is told apart at the peak
+        self.host: set[int] = set()  # id(storage) of tensors in host memory (not device memory): never counted
         self.phase_peaks: dict[str, int] = {}
         self.phase_snapshots: dict[str, tuple[dict, set, int]] = {}  # phase -> (live, grads, transient) at its peak
         self.transient_calls = 0
@@ -81,11 +82,20 @@ class MemoryTracer(TorchDispatchMode):
         if entry is not None:
             self.current -= entry[1]
 
+    def in_host_memory(self, tensors) -> None:
+        """These tensors live in host memory (model.embeddings: host): stop counting them, now and later."""
+        for t in tensors:
+            key = id(t.untyped_storage())
+            self._free(key)
+            self.host.add(key)
+
     def _register(self, t) -> None:
         if not isinstance(t, torch.Tensor):
             return
         storage = t.untyped_storage()
         key = id(storage)
+        if key in self.host:
+            return
         entry = self.live.get(key)
         if entry is not None and entry[0]() is storage:
             return
@@ -475,6 +485,8 @@ def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True
     cuda: 512-byte blocks and the CUDA dequantize transient (always off with real tensors, to compare with a
     CPU allocator). Returns peak, breakdown and phases."""
     from benchmarks.shapes import SHAPES
+    from lowmem_rlhf.model.memory import embeddings_on_host
+    from lowmem_rlhf.model.placement import is_tied, keep_embeddings_on_host
 
     compat.check_versions()
     torch.manual_seed(0)
@@ -488,6 +500,10 @@ def trace(args, layers: int | None = None, real: bool = False, cuda: bool = True
     skeleton = build_skeleton(args.shape, layers, dtype)
     with _mode(real, args.prompt_len + args.new_tokens if args.stage == "rollout" else None), tracer:
         model = build_model(skeleton, dtype, real)
+        if cuda and embeddings_on_host(args.embeddings, "cuda", is_tied(model)):
+            # load_base's placement on a CUDA device: the table moves to host memory (here: stops being counted)
+            inner = keep_embeddings_on_host(model).inner
+            tracer.in_host_memory([*inner.parameters(), *inner.buffers()])
         tracer.set_phase("setup")
         bank, optimizer = RUNNERS[args.stage](args, model, tracer)
         named = named_storages(model, bank, optimizer)
@@ -558,7 +574,12 @@ def estimate(args) -> dict:
     from lowmem_rlhf.model.memory import estimate_stage, resolve_shape
 
     raw = {
-        "model": {"name_or_path": args.shape, "logprob_chunk_size": args.chunk_size, "compute_dtype": args.dtype},
+        "model": {
+            "name_or_path": args.shape,
+            "logprob_chunk_size": args.chunk_size,
+            "compute_dtype": args.dtype,
+            "embeddings": args.embeddings,
+        },
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": args.lora_dropout},
     }
     if args.stage in ("sft", "rm", "dpo"):
@@ -634,6 +655,7 @@ def recipe_argv(shape: str, entry: str) -> tuple[list[str], str]:
     stage = {"rollout-ppo": "rollout", "rollout-grpo": "rollout"}.get(entry, entry)
     argv = ["--shape", shape, "--stage", stage, "--lora-r", str(cfg.lora.r), "--dtype", "bfloat16"]
     argv += ["--chunk-size", str(cfg.model.logprob_chunk_size), "--lora-dropout", str(cfg.lora.dropout)]
+    argv += ["--embeddings", cfg.model.embeddings]
     if cfg.model.compute_dtype not in ("auto", "bfloat16") or cfg.model.quantization != "nf4":
         raise ValueError(f"{recipe}: the tracer builds NF4 models in bf16 (the CUDA default)")
     if cfg.lora.target_modules != "all-linear":
@@ -763,6 +785,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--optimizer", default=None, choices=["adamw", "adamw_8bit"], help="default: adamw_8bit for sft, adamw for ppo"
     )
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--embeddings",
+        default=ModelConfig.embeddings,
+        choices=["auto", "host", "device"],
+        help="model.embeddings on a CUDA device (auto: host unless tied to lm_head)",
+    )
     p.add_argument("--layers", type=int, default=None, help="trace this many decoder layers")
     p.add_argument("--extrapolate", action="store_true", help="trace 2 and 3 layers and extend to the full depth")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

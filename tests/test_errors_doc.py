@@ -98,6 +98,10 @@ CASES: dict[str, tuple[dict[str, str | bytes], list[str]]] = {
         {"recipe.yaml": RECIPE},
         ["show", "recipe.yaml", "ppo.compile_generation=true"],
     ),
+    "embeddings in host memory with a compiled rollout": (
+        {"recipe.yaml": RECIPE},
+        ["show", "recipe.yaml", "model.embeddings=host", "ppo.generation_cache=static", "ppo.compile_generation=true"],
+    ),
     # data files and sources
     "stage listed, its dataset not set (validate)": ({"recipe.yaml": "stages: [sft]\n"}, ["validate", "recipe.yaml"]),
     "compare listed without prompts (validate)": (

@@ -11,6 +11,8 @@ from lowmem_rlhf import distributed
 from lowmem_rlhf.builtins import is_builtin, model_path
 from lowmem_rlhf.config import ModelConfig
 from lowmem_rlhf.errors import UserError
+from lowmem_rlhf.model.memory import embeddings_on_host
+from lowmem_rlhf.model.placement import is_tied, keep_embeddings_on_host
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +145,13 @@ def _keep_cpu_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(cfg: ModelConfig):
+def load_base(cfg: ModelConfig, compiled_decoding: bool = False):
     """Load the base model once, quantized and frozen; returns (model, tokenizer).
 
     Embeddings, norms and lm_head stay in the compute dtype: we never run peft's
-    `prepare_model_for_kbit_training`, which would upcast them all to fp32 (pitfall 10).
+    `prepare_model_for_kbit_training`, which would upcast them all to fp32 (pitfall 10). The input-embedding
+    table then goes to host memory when `cfg.embeddings` says so (`model.placement`; compiled_decoding: the
+    rollout compiles its decode step, which keeps it on the device under `auto`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -180,4 +184,14 @@ def load_base(cfg: ModelConfig):
         p.requires_grad_(False)
     _keep_cpu_4bit_differentiable(model)
     model.config.use_cache = True  # generation needs the KV cache; training passes use_cache=False per call
+    if embeddings_on_host(cfg.embeddings, device.type, is_tied(model), compiled_decoding):
+        table = keep_embeddings_on_host(model).weight
+        logger.info(
+            "input embeddings (%s x %s) kept in host memory: %.2f GiB less on %s",
+            *table.shape,
+            table.numel() * table.element_size() / 2**30,
+            device,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return model, tokenizer

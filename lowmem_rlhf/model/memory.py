@@ -6,7 +6,8 @@ blocks):
 
 - resident: the frozen base (quantized linear weights: NF4/FP4 half a byte per weight, their
   quantization constants; embeddings, `lm_head` unless tied, norms, biases and rotary buffers in the
-  compute dtype), the fp32 LoRA adapters of every role the stage holds, bias-free fp32 scalar heads,
+  compute dtype; an input-embedding table in host memory, `model.embeddings`, is not counted), the fp32
+  LoRA adapters of every role the stage holds, bias-free fp32 scalar heads,
   the trainable roles' optimizer state, and their fp32 gradients when micro-batches accumulate;
 - a training pass under gradient checkpointing (`Activations`): a log-prob chunk (every layer's checkpointed
   input, the final norm, one chunk's logits: in bf16 the head's output and an eighth of it in fp32, 2.5
@@ -185,6 +186,24 @@ def quantized_weight_bytes(shape: Shape, quantization: str, double_quant: bool, 
     return {"weights": weights * shape.layers, "constants": constants * shape.layers}
 
 
+def embeddings_on_host(setting: str, device_type: str, tied: bool, compiled_decoding: bool = False) -> bool:
+    """Whether `model.embeddings` puts the input-embedding table in host memory.
+
+    auto: on a CUDA device, when the table is not the tied `lm_head` and the rollout's decode step is not
+    compiled (a CUDA graph cannot hold the host lookup); device: never; host: always (refused when tied).
+    """
+    if setting == "device":
+        return False
+    if setting == "host":
+        if tied:
+            raise UserError(
+                "model.embeddings is 'host' but this model's input embeddings are its lm_head (tied weights), which "
+                "every forward multiplies by on the device; use model.embeddings: auto or device"
+            )
+        return True
+    return device_type == "cuda" and not tied and not compiled_decoding
+
+
 def unquantized_bytes(shape: Shape, compute_bytes: int) -> int:
     """Embeddings, lm_head (unless tied), RMSNorm weights and biases: kept in the compute dtype."""
     d = shape.hidden
@@ -219,8 +238,11 @@ def tensor_bytes(sizes: list[int]) -> int:
     return sum(rounded(n) for n in sizes)
 
 
-def base_tensors(shape: Shape, quantization: str, double_quant: bool, cb: int) -> dict[str, list[int]]:
-    """Byte sizes of the frozen base's tensors, by kind (one entry per tensor, all layers)."""
+def base_tensors(
+    shape: Shape, quantization: str, double_quant: bool, cb: int, host_embeddings: bool = False
+) -> dict[str, list[int]]:
+    """Byte sizes of the frozen base's device tensors, by kind (one entry per tensor, all layers).
+    host_embeddings: the input-embedding table is in host memory (`model.placement`), not on the device."""
     quant, consts, other = [], [], []
     for _, fin, fout, bias in shape.linears():
         n = fin * fout
@@ -240,7 +262,7 @@ def base_tensors(shape: Shape, quantization: str, double_quant: bool, cb: int) -
         if bias:
             other.append(fout * cb)
     other += [shape.hidden * cb] * shape.norms_per_layer
-    top = [shape.vocab * shape.hidden * cb] * (1 if shape.tied else 2) + [shape.hidden * cb]
+    top = [shape.vocab * shape.hidden * cb] * (1 if shape.tied or host_embeddings else 2) + [shape.hidden * cb]
     buffers = [4 * (shape.head_dim // 2)] * 2 + [4] * shape.embed_scale
     L = shape.layers
     return {"weights": quant * L, "constants": consts * L, "unquantized": other * L + top, "buffers": buffers}
@@ -422,7 +444,8 @@ def estimate_stage(
     """
     mc, lc = cfg.model, cfg.lora
     cb = compute_bytes_of(cfg)
-    base = base_tensors(shape, mc.quantization, mc.double_quant, cb)
+    host = embeddings_on_host(mc.embeddings, "cuda", shape.tied, stage == "ppo" and cfg.ppo.compile_generation)
+    base = base_tensors(shape, mc.quantization, mc.double_quant, cb, host)
     resident = [
         (
             "base: quantized linear weights" if mc.quantization != "none" else "base: linear weights",
@@ -430,7 +453,9 @@ def estimate_stage(
         ),
         ("base: quantization constants", tensor_bytes(base["constants"])),
         (
-            "base: embeddings, lm_head, norms (unquantized)",
+            "base: lm_head, norms (unquantized; embeddings in host memory)"
+            if host
+            else "base: embeddings, lm_head, norms (unquantized)",
             tensor_bytes(base["unquantized"]) + tensor_bytes(base["buffers"]),
         ),
     ]

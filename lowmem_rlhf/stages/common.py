@@ -109,10 +109,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# model settings that move tensors between host and device without changing a value (nor a fingerprint)
+PLACEMENT_ONLY = ("embeddings",)
+
+
 def stage_settings(cfg: RecipeConfig, stage: str) -> dict:
     """The settings a stage's result depends on (a change means its checkpoints no longer apply)."""
     d = config_to_dict(cfg)
-    return {"seed": d["seed"], "model": d["model"], "lora": d["lora"], stage: d[stage]}
+    model = {k: v for k, v in d["model"].items() if k not in PLACEMENT_ONLY}
+    return {"seed": d["seed"], "model": model, "lora": d["lora"], stage: d[stage]}
 
 
 class Manifest:

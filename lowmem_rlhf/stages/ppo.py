@@ -160,7 +160,7 @@ def run(cfg: RecipeConfig, force: bool = False) -> Path:
         ptx = _ptx_source(cfg, tokenizer)
 
     check_fits(cfg, "ppo", resolve_device(cfg.model.device))
-    model, tokenizer = load_base(cfg.model)
+    model, tokenizer = load_base(cfg.model, compiled_decoding=pc.compile_generation)
     bank = build_rl_bank(model, sft_dir, reward_dir, pc, pc.gradient_checkpointing, cfg.lora)
     stats = rm_done.get("reward_stats")
     report: dict = {}
