@@ -634,6 +634,29 @@ def run(args) -> dict:
     return out
 
 
+def beside_measurement(argvs: list[list[str]], measured_gib: float | None, paged_optimizer: bool) -> dict:
+    """For a benchmark on a GPU: the traced peak of the same settings, to record beside its
+    `torch.cuda.max_memory_allocated` (docs/performance.md). Each argv (a stage; PPO: its scoring and update, and
+    its rollout) is traced at 2 and 3 layers and extended to the depth; the largest is the peak. A paged
+    optimizer's state lives in CUDA unified memory, which the CUDA counters do not see: it is left out of the
+    traced figure then. offset = measured / traced - 1 (what ops allocate inside themselves: workspaces, kernel
+    temporaries; and sampled responses shorter than the traced full length)."""
+    traces = []
+    for argv in argvs:
+        r = run(parse_args([*argv, "--extrapolate"]))
+        paged = r["alive_at_peak_bytes"].get("optimizer state", 0) if paged_optimizer else 0
+        traces.append({"argv": argv, "peak_bytes": r["peak_bytes"] - paged, "phase": r["peak_phase"]})
+    top = max(traces, key=lambda t: t["peak_bytes"])
+    traced = top["peak_bytes"] / GIB
+    return {
+        "traced_peak_gib": traced,
+        "traced_phase": f"{top['argv'][top['argv'].index('--stage') + 1]}: {top['phase']}",
+        "paged_optimizer_state_left_out": paged_optimizer,
+        "offset": None if measured_gib is None else measured_gib / traced - 1,
+        "argvs": argvs,
+    }
+
+
 # ------------------------------------------------------------------------------ every stage at every shape
 
 ALL_SHAPES = ("qwen2.5-0.5b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b")

@@ -32,6 +32,7 @@ from benchmarks.sft_bench import (
     _quantized_weights,
     _sync,
     add_common_args,
+    tracer_record,
     versions,
     write_result,
 )
@@ -626,6 +627,23 @@ def target_records(args: argparse.Namespace, measurements: dict) -> dict:
     }
 
 
+def tracer_argvs(args: argparse.Namespace, lora: LoRAConfig) -> list[list[str]] | None:
+    """`benchmarks.memory`'s arguments for the shared-backbone run on a GPU: the scoring passes and update (ppo for
+    gae, grpo), and the rollout; None for settings it does not trace (the other advantages, generation in several
+    calls or with a static cache, another attention kernel)."""
+    stage = {"gae": "ppo", "grpo": "grpo"}.get(args.advantage)
+    if stage is None or args.attn != "sdpa" or args.generation_batch_size or args.generation_cache != "dynamic":
+        return None
+    common = ["--shape", args.shape, "--rollout", str(args.prompts), "--prompt-len", str(args.prompt_len)]
+    common += ["--new-tokens", str(args.new_tokens), "--group-size", str(args.group_size), "--lora-r", str(lora.r)]
+    common += ["--lora-dropout", str(lora.dropout), "--chunk-size", str(args.chunk_size), "--optimizer", "adamw_8bit"]
+    rollout_of = "grpo" if stage == "grpo" else "ppo"
+    return [
+        ["--stage", stage, "--micro-batch", str(args.micro_batch), *common],
+        ["--stage", "rollout", "--rollout-of", rollout_of, *common],
+    ]
+
+
 def estimate_record(args: argparse.Namespace, pc, peak_gib: float | None) -> dict:
     """`lowmem-rlhf estimate`'s prediction of the shared-backbone peak next to the measured one (target: 10%)."""
     from lowmem_rlhf.config import config_from_dict
@@ -677,6 +695,7 @@ def run(args: argparse.Namespace) -> dict:
         else None
     )
     measurements["bandwidth_gb_per_s"] = None if setup.bandwidth is None else setup.bandwidth / GB
+    shared_peak = measurements.get("shared", {}).get("peak_allocated_gib")
     return {
         "benchmark": BENCHMARK,
         "shape": args.shape,
@@ -713,7 +732,8 @@ def run(args: argparse.Namespace) -> dict:
         "measurements": measurements,
         "checks": checks,
         "targets": target_records(args, measurements),
-        "estimate": estimate_record(args, setup.pc, measurements.get("shared", {}).get("peak_allocated_gib")),
+        "estimate": estimate_record(args, setup.pc, shared_peak),
+        "tracer": tracer_record(tracer_argvs(args, setup.lora), shared_peak) if on_cuda and shared_peak else None,
         "note": CUDA_NOTE if on_cuda else CPU_NOTE,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

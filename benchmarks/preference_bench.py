@@ -31,6 +31,7 @@ from benchmarks.sft_bench import (
     _sync,
     add_common_args,
     timed_steps,
+    tracer_record,
     versions,
     write_result,
 )
@@ -143,6 +144,16 @@ def estimate_record(args: argparse.Namespace, peak_gib: float | None) -> dict:
 
 def _lora_parameters(bank: AdapterBank, role: str) -> list[torch.nn.Parameter]:
     return [p for n, p in bank.named_role_parameters(role).items() if not n.startswith("head.")]
+
+
+def tracer_argvs(args: argparse.Namespace) -> list[list[str]] | None:
+    """`benchmarks.memory`'s arguments for these settings on a GPU (paged 8-bit AdamW, no LoRA dropout, DPO's
+    reference pass per step), or None for settings it does not trace."""
+    if args.attn != "sdpa" or args.precompute_ref_logprobs:
+        return None
+    argv = ["--shape", args.shape, "--stage", args.stage, "--batch", str(args.batch), "--seq", str(args.seq)]
+    return [argv + ["--lora-r", str(args.lora_r), "--lora-dropout", "0.0", "--chunk-size", str(args.chunk_size)]
+            + ["--optimizer", "adamw_8bit"]]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -275,6 +286,7 @@ def run(args: argparse.Namespace) -> dict:
         "measurements": measurements,
         "checks": checks,
         "estimate": estimate_record(args, measurements["peak_allocated_gib"]),
+        "tracer": tracer_record(tracer_argvs(args), measurements["peak_allocated_gib"]) if on_cuda else None,
         "note": CUDA_NOTE if on_cuda else CPU_NOTE,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -204,6 +204,27 @@ def estimate_record(args: argparse.Namespace, peak_gib: float | None) -> dict:
     return prediction_record(cfg, args.shape, "sft", peak_gib)
 
 
+def tracer_record(argvs: list[list[str]] | None, peak_gib: float | None) -> dict | None:
+    """On a GPU: the memory tracer's peak for the same settings beside the measured one, and their offset
+    (`benchmarks.memory.beside_measurement`; the paged optimizer's state, outside the CUDA counters, left out);
+    None for settings the tracer does not cover."""
+    if argvs is None:
+        return None
+    from benchmarks.memory import beside_measurement
+
+    return beside_measurement(argvs, peak_gib, paged_optimizer=True)
+
+
+def tracer_argvs(args: argparse.Namespace) -> list[list[str]] | None:
+    """`benchmarks.memory`'s arguments for these settings on a GPU (paged 8-bit AdamW, no LoRA dropout), or None
+    for an attention kernel it does not trace."""
+    if args.attn != "sdpa":
+        return None
+    argv = ["--shape", args.shape, "--stage", "sft", "--batch", str(args.batch), "--seq", str(args.seq)]
+    return [argv + ["--lora-r", str(args.lora_r), "--lora-dropout", "0.0", "--chunk-size", str(args.chunk_size)]
+            + ["--optimizer", "adamw_8bit"]]  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build/load the model, train `warmup + steps` steps, and return the result record."""
     device = resolve_device(args.device)
@@ -299,6 +320,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "target": target_record(args, measurements["peak_allocated_gib"]),
         "estimate": estimate_record(args, measurements["peak_allocated_gib"]),
+        "tracer": tracer_record(tracer_argvs(args), measurements["peak_allocated_gib"]) if on_cuda else None,
         "note": CUDA_NOTE if on_cuda else CPU_NOTE,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

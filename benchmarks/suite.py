@@ -172,8 +172,16 @@ def _verdict(met: bool | None) -> str:
 
 
 def _estimate_cells(record: dict) -> list[str]:
+    """The estimate and its error, then the memory tracer's figure for the same settings and the measured peak's
+    offset from it (measured / traced - 1)."""
     e = record.get("estimate") or {}
-    return [_f(e.get("predicted_allocated_gib")), _pct(e.get("error"))]
+    t = record.get("tracer") or {}
+    return [
+        _f(e.get("predicted_allocated_gib")),
+        _pct(e.get("error")),
+        _f(t.get("traced_peak_gib")),
+        _pct(t.get("offset")),
+    ]
 
 
 def stage_rows(records: dict[str, dict]) -> list[list[str]]:
@@ -244,11 +252,26 @@ def render_markdown(records: dict[str, dict], statuses: list[dict]) -> str:
         v = first["versions"]
         libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "cuda", "transformers", "peft", "bitsandbytes") if v.get(k))
         lines += [f"Device: **{first['device']}**. {libs}. Model weights are random (real shapes)."]
-        lines += ["Memory is `torch.cuda.max_memory_allocated` in GiB; the estimate is `lowmem-rlhf estimate`'s.", ""]
+        lines += [
+            "Memory is `torch.cuda.max_memory_allocated` in GiB; the estimate is `lowmem-rlhf estimate`'s; traced is "
+            "`python -m benchmarks.memory`'s peak for the same settings (the paged optimizer's state left out), and "
+            "offset is measured / traced - 1.",
+            "",
+        ]
     rows = stage_rows(records)
     if rows:
         lines += ["## Peak memory and speed per stage", ""]
-        header = ["shape", "stage", "peak GiB", "estimate GiB", "estimate error", "speed", "unit"]
+        header = [
+            "shape",
+            "stage",
+            "peak GiB",
+            "estimate GiB",
+            "estimate error",
+            "traced GiB",
+            "offset",
+            "speed",
+            "unit",
+        ]
         lines += [*_table(header, rows), ""]
     ppo = [(k.split("_", 1)[1], r) for k, r in sorted(records.items()) if k.startswith("ppo_")]
     ppo = [(s, r) for s, r in ppo if "separate" in r["measurements"]]
