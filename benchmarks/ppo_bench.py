@@ -400,7 +400,7 @@ def run_shared(s: Setup) -> tuple[dict, dict]:
     meter = MemoryMeter(s.device)
     with tempfile.TemporaryDirectory(prefix="ppo_bench-") as tmp, meter.phase("load"):
         t0 = time.perf_counter()
-        model, tokenizer = load_base(s.model_cfg)
+        model, tokenizer = load_base(s.model_cfg, compiled_decoding=s.pc.compile_generation)
         model_loaded_gib = meter.allocated_gib()
         sft_dir, reward_dir = make_adapters(model, s.lora, Path(tmp) / "adapters", s.seed)
         bank = build_rl_bank(model, sft_dir, reward_dir, s.pc, gradient_checkpointing=True)
@@ -513,11 +513,11 @@ def run_separate(s: Setup) -> dict:
     banks: dict[str, AdapterBank] = {}
     with tempfile.TemporaryDirectory(prefix="ppo_bench-") as tmp, meter.phase("load"):
         t0 = time.perf_counter()
-        model, tokenizer = load_base(s.model_cfg)
+        model, tokenizer = load_base(s.model_cfg, compiled_decoding=s.pc.compile_generation)
         adapters = dict(zip(("sft", "reward"), make_adapters(model, s.lora, Path(tmp), s.seed), strict=True))
         for role, source, trainable, head in SEPARATE_ROLES:
             if banks:  # the first role takes the base the adapters were made on
-                model, _ = load_base(s.model_cfg)
+                model, _ = load_base(s.model_cfg, compiled_decoding=s.pc.compile_generation)
             banks[role] = AdapterBank(model, gradient_checkpointing=True)
             banks[role].add_role(role, from_dir=adapters[source], trainable=trainable, head=head)
         _sync(s.device)

@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
         name_or_path=str(checkpoint), quantization="nf4", device=str(device), attn_implementation=args.attn
     )
     lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0)
-    model, tok = load_base(model_cfg)
+    # a compiled decode step keeps the table on the device, as the RL stage does (model.embeddings: auto)
+    model, tok = load_base(model_cfg, compiled_decoding="compiled" in args.variants)
     with tempfile.TemporaryDirectory(prefix="rollout_bench-") as tmp:
         sft_dir, _ = make_adapters(model, lora, Path(tmp), args.seed)
         bank = AdapterBank(model, gradient_checkpointing=True)  # as in training: generate must not checkpoint

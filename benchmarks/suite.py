@@ -254,8 +254,8 @@ def render_markdown(records: dict[str, dict], statuses: list[dict]) -> str:
         lines += [f"Device: **{first['device']}**. {libs}. Model weights are random (real shapes)."]
         lines += [
             "Memory is `torch.cuda.max_memory_allocated` in GiB; the estimate is `lowmem-rlhf estimate`'s; traced is "
-            "`python -m benchmarks.memory`'s peak for the same settings (the paged optimizer's state left out), and "
-            "offset is measured / traced - 1.",
+            "`python -m benchmarks.memory`'s peak for the same settings (the paged optimizer's unified memory left "
+            "out), and offset is measured / traced - 1.",
             "",
         ]
     rows = stage_rows(records)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import tempfile
 import time
@@ -506,6 +507,8 @@ def run(args: argparse.Namespace) -> dict:
         logprob_chunk_size=args.chunk_size,
     )
     lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0)
+    # TRL's policy as a TRL user has it: the input-embedding table on the device (host placement is ours)
+    model_cfg = dataclasses.replace(model_cfg, embeddings="device")
     measurements, checks, grpo = run_trl(args, model_cfg, lora, dtype)
     result = {
         "benchmark": BENCHMARK,

@@ -124,8 +124,8 @@ class ModelConfig(_Checked):
         "auto",
         "Where the frozen input-embedding table lives. host: in CPU memory, each forward copying its tokens' rows "
         "to the GPU (the same values; saves vocab x hidden x 2 bytes of GPU memory, 0.98 GiB for Llama-3.1-8B); "
-        "device: on the GPU; auto: host on CUDA unless lm_head is the same (tied) table or "
-        "ppo.compile_generation is on.",
+        "device: on the GPU; auto: host on CUDA unless lm_head is the same (tied) table, and on the device for the "
+        "RL stage when ppo.compile_generation is on.",
     )
     logprob_chunk_size: int = _f(
         1024,
@@ -494,7 +494,8 @@ class RecipeConfig(_Checked):
         if self.model.embeddings == "host" and self.ppo.compile_generation:
             raise UserError(
                 "model.embeddings: host and ppo.compile_generation: true cannot be combined (the compiled decode "
-                "step's CUDA graph cannot look rows up in host memory); use model.embeddings: auto or device"
+                "step would leave its CUDA graph for a host lookup at every token); use model.embeddings: auto or "
+                "device"
             )
 
 

@@ -34,3 +34,23 @@ def test_cuda_nf4_training_step(tiny_path):
     assert base_fingerprint(bank.peft_model) == base
     after = bank.state_dict("policy")
     assert all(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_input_table_in_host_memory_on_cuda(tiny_path):
+    """model.embeddings: host on a GPU: the table leaves the allocated memory, the model still reports the GPU
+    and the compute dtype, and logits and greedy generations equal those with the table on the device."""
+    start = torch.cuda.memory_allocated()
+    on_device, _ = load_base(ModelConfig(device="cuda", embeddings="device"))
+    device_bytes = torch.cuda.memory_allocated() - start
+    start = torch.cuda.memory_allocated()
+    on_host, _ = load_base(ModelConfig(device="cuda", embeddings="host"))
+    host_bytes = torch.cuda.memory_allocated() - start
+    table = on_host.get_input_embeddings().weight
+    assert table.device.type == "cpu"
+    assert device_bytes - host_bytes == table.numel() * table.element_size()
+    assert (on_host.device.type, on_host.dtype) == ("cuda", on_device.dtype)
+    ids = torch.randint(10, 200, (2, 24), device="cuda")
+    with torch.no_grad():
+        assert torch.equal(on_host(ids).logits, on_device(ids).logits)
+    outs = [m.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0) for m in (on_device, on_host)]
+    assert outs[1].device.type == "cuda" and torch.equal(*outs)

@@ -3,6 +3,7 @@ the memory it saves is what the estimator and the tracer count."""
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -13,7 +14,7 @@ from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.model.memory import embeddings_on_host, estimate_stage, resolve_shape, rounded
 from lowmem_rlhf.model.placement import HostEmbedding, is_tied, keep_embeddings_on_host
 from lowmem_rlhf.stages import sft
-from lowmem_rlhf.stages.common import stage_settings
+from lowmem_rlhf.stages.common import stage_model, stage_settings
 from lowmem_rlhf.train.metrics import read_metrics
 
 
@@ -43,6 +44,18 @@ def test_placement_is_not_a_setting_results_depend_on(tmp_path):
     assert stage_settings(config_from_dict(a), "sft") == stage_settings(config_from_dict(b), "sft")
 
 
+def test_a_finished_stage_loads_with_the_runs_placement(tmp_path):
+    """`generate`, `score` and `compare` rebuild a stage's model settings from its settings.yaml, which leaves the
+    placement out: the run's own config says where the table goes."""
+    data = tiny_recipe(tmp_path / "run")
+    stage_dir = tmp_path / "run" / "sft"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "settings.yaml").write_text(yaml.safe_dump(stage_settings(config_from_dict(data), "sft")))
+    data["model"]["embeddings"] = "device"
+    model = stage_model(stage_dir, config_from_dict(data))
+    assert (model.embeddings, model.name_or_path, model.device) == ("device", "builtin:tiny", "cpu")
+
+
 def test_the_table_leaves_the_parameters_and_every_output_stays(tiny_path):
     device_model, _ = load_base(ModelConfig(device="cpu"))
     host_model, _ = load_base(ModelConfig(device="cpu", embeddings="host"))
@@ -53,7 +66,9 @@ def test_the_table_leaves_the_parameters_and_every_output_stays(tiny_path):
     names = [n for n, _ in host_model.named_parameters()]
     assert not any("embed_tokens.weight" in n for n in names)
     assert "model.embed_tokens.weight" not in host_model.state_dict()
-    # transformers reads the first parameter for both: the anchor keeps them what the table made them
+    # transformers reads the first parameter for both: the anchor, on the compute device in the compute dtype,
+    # keeps them what the table made them
+    assert next(host_model.parameters()) is wrapper.anchor and wrapper.anchor.numel() == 0
     assert (host_model.device, host_model.dtype) == (device_model.device, device_model.dtype)
     ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
     with torch.no_grad():

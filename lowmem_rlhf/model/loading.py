@@ -187,7 +187,7 @@ def load_base(cfg: ModelConfig, compiled_decoding: bool = False):
     if embeddings_on_host(cfg.embeddings, device.type, is_tied(model), compiled_decoding):
         table = keep_embeddings_on_host(model).weight
         logger.info(
-            "input embeddings (%s x %s) kept in host memory: %.2f GiB less on %s",
+            "input embeddings (%s x %s) kept in host memory: %.2f GiB less allocated on %s",
             *table.shape,
             table.numel() * table.element_size() / 2**30,
             device,

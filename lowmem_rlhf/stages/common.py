@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -180,6 +181,8 @@ def stage_model(stage_dir: Path, cfg: RecipeConfig, trust_remote_code: bool = Fa
     source = Path(stage_dir) / SETTINGS_FILE
     if recorded is not None and isinstance(recorded.get("model"), dict):
         model = config_from_dict({"model": recorded["model"]}, where=str(source)).model
+        # placement is not recorded with a stage's settings: the run's own config says it
+        model = dataclasses.replace(model, **{k: getattr(cfg.model, k) for k in PLACEMENT_ONLY})
     else:
         model, source = cfg.model, Path(stage_dir).parent / "config.yaml"
     _check_remote_code(model, source, trust_remote_code)
