@@ -35,6 +35,7 @@ from benchmarks.sft_bench import (
     versions,
     write_result,
 )
+from benchmarks.sft_bench import tracer_argvs as sft_tracer_argvs
 from benchmarks.shapes import SPECIAL_TOKENS, build_config, build_random_checkpoint, param_count
 from lowmem_rlhf.config import DPOConfig, LoRAConfig, ModelConfig, RewardConfig
 from lowmem_rlhf.data.preference import PairExample, collate_pairs
@@ -147,13 +148,9 @@ def _lora_parameters(bank: AdapterBank, role: str) -> list[torch.nn.Parameter]:
 
 
 def tracer_argvs(args: argparse.Namespace) -> list[list[str]] | None:
-    """`benchmarks.memory`'s arguments for these settings on a GPU (paged 8-bit AdamW, no LoRA dropout, DPO's
-    reference pass per step), or None for settings it does not trace."""
-    if args.attn != "sdpa" or args.precompute_ref_logprobs:
-        return None
-    argv = ["--shape", args.shape, "--stage", args.stage, "--batch", str(args.batch), "--seq", str(args.seq)]
-    return [argv + ["--lora-r", str(args.lora_r), "--lora-dropout", "0.0", "--chunk-size", str(args.chunk_size)]
-            + ["--optimizer", "adamw_8bit"]]  # fmt: skip
+    """`benchmarks.memory`'s arguments for these settings on a GPU (sft_bench's, for rm or dpo), or None for
+    settings it does not trace: the tracer runs DPO's reference pass per step, not a precomputed reference."""
+    return None if args.precompute_ref_logprobs else sft_tracer_argvs(args, args.stage)
 
 
 def run(args: argparse.Namespace) -> dict:

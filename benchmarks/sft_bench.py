@@ -215,14 +215,14 @@ def tracer_record(argvs: list[list[str]] | None, peak_gib: float | None) -> dict
     return beside_measurement(argvs, peak_gib, paged_optimizer=True)
 
 
-def tracer_argvs(args: argparse.Namespace) -> list[list[str]] | None:
-    """`benchmarks.memory`'s arguments for these settings on a GPU (paged 8-bit AdamW, no LoRA dropout), or None
-    for an attention kernel it does not trace."""
+def tracer_argvs(args: argparse.Namespace, stage: str = "sft") -> list[list[str]] | None:
+    """`benchmarks.memory`'s arguments for a supervised benchmark's settings on a GPU (`stage` sft, rm or dpo; paged
+    8-bit AdamW, no LoRA dropout), or None for an attention kernel it does not trace."""
     if args.attn != "sdpa":
         return None
-    argv = ["--shape", args.shape, "--stage", "sft", "--batch", str(args.batch), "--seq", str(args.seq)]
-    return [argv + ["--lora-r", str(args.lora_r), "--lora-dropout", "0.0", "--chunk-size", str(args.chunk_size)]
-            + ["--optimizer", "adamw_8bit"]]  # fmt: skip
+    argv = ["--shape", args.shape, "--stage", stage, "--batch", str(args.batch), "--seq", str(args.seq)]
+    argv += ["--lora-r", str(args.lora_r), "--lora-dropout", "0.0", "--chunk-size", str(args.chunk_size)]
+    return [[*argv, "--optimizer", "adamw_8bit"]]
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -190,7 +190,8 @@ def embeddings_on_host(setting: str, device_type: str, tied: bool, compiled_deco
     """Whether `model.embeddings` puts the input-embedding table in host memory.
 
     auto: on a CUDA device, when the table is not the tied `lm_head` and the rollout's decode step is not
-    compiled (a CUDA graph cannot hold the host lookup); device: never; host: always (refused when tied).
+    compiled (its CUDA graph would be left for a host lookup at every token); device: never; host: always
+    (refused when tied).
     """
     if setting == "device":
         return False
