@@ -5,13 +5,9 @@ loaded through the same 4-bit path as any Hub model.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+
+from lowmem_rlhf.cache import cache_root, cached_build  # noqa: F401 (re-exported: benchmarks and tests import them here)
 
 # Llama architecture, ~0.9M parameters: small enough to train in a minute on 2 CPU cores, big enough
 # to learn the bundled task. Hidden sizes are multiples of 64 as bitsandbytes' 4-bit blocks need.
@@ -32,11 +28,6 @@ PRETRAIN_STEPS = 600
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
 BUILD_VERSION = 2
-
-
-def cache_root() -> Path:
-    """`$LOWMEM_RLHF_CACHE`, else `~/.cache/lowmem_rlhf`."""
-    return Path(os.environ.get("LOWMEM_RLHF_CACHE", Path.home() / ".cache" / "lowmem_rlhf"))
 
 
 def cpu_kernels() -> str:
@@ -115,27 +106,6 @@ def train_on_docs(
         sched.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-
-
-def cached_build(root: Path, name: str, recipe: list, build: Callable[[Path], None]) -> Path:
-    """`root/<name>-<hash of recipe>`, made once by `build(tmp_folder)` and renamed into place atomically
-    (a killed build leaves no half-written model; two processes building at once both end with one)."""
-    key = hashlib.sha256(json.dumps(recipe, default=str).encode()).hexdigest()[:12]
-    final = root / f"{name}-{key}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same build first
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def build_tiny(cache_dir: Path | None = None, seed: int = 0) -> Path:
