@@ -37,6 +37,7 @@ from lowmem_rlhf.model.bank import AdapterBank
 from lowmem_rlhf.model.forward import response_logprob_sums
 from lowmem_rlhf.model.loading import load_base
 from lowmem_rlhf.model.scoring import sequence_scores
+from lowmem_rlhf.progress import Progress
 from lowmem_rlhf.rewards import RewardFunction, load_reward_fns, score_samples
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import (
@@ -184,55 +185,52 @@ def collect_samples(
     source: str,
 ) -> list[dict]:
     """One sample per prompt and policy, with its reward, judges' scores, log-probs, length and EOS flag."""
-    from tqdm.auto import tqdm
-
     # Log-probs under the distribution that was sampled (the model's own for greedy decoding).
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     eos, pad = end_of_turn_ids(tokenizer), tokenizer.pad_token_id
     rows = []
     batches = range(0, len(prompts), batch_size)
-    bar = tqdm(total=len(policies) * len(batches), desc="compare", unit="batch", disable=None)
-    for policy in policies:
-        baseline = None if policy.stage == "sft" else next(p.label for p in policies if p.role == policy.sft_role)
-        for start in batches:
-            chunk = prompts[start : start + batch_size]
-            gen = generate(bank, policy.role, chunk, sampling, eos, pad, seed + start)
-            with bank.use(policy.role) as m:
-                logp = response_logprob_sums(m, chunk, gen.response_ids, pad, chunk_size, temperature)
-            if policy.role == policy.sft_role:
-                ref = logp
-            else:
-                with bank.use(policy.sft_role) as m:
-                    ref = response_logprob_sums(m, chunk, gen.response_ids, pad, chunk_size, temperature)
-            rewards = [None] * len(chunk)
-            if policy.reward_role is not None:
-                ids, mask = pad_sequences([p + r for p, r in zip(chunk, gen.response_ids, strict=True)], pad)
-                with bank.use(policy.reward_role) as m:
-                    head = bank.head(policy.reward_role)
-                    rewards = sequence_scores(m, head, ids.to(bank.device), mask.to(bank.device)).tolist()
-            responses = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in gen.response_ids]
-            index = list(range(start, start + len(chunk)))
-            judged = score_samples(judges, texts, columns, index, responses, gen.response_ids, source)
-            for j, response in enumerate(gen.response_ids):
-                text = responses[j]
-                rows.append(
-                    {
-                        "policy": policy.label,
-                        "baseline": baseline,
-                        "prompt_index": start + j,
-                        "prompt": texts[start + j],
-                        "response": text,
-                        "length": len(response),
-                        "eos": gen.ended[j],
-                        "reward": rewards[j],
-                        "logp": float(logp[j]),
-                        "ref_logp": float(ref[j]),
-                        "kl": float(logp[j] - ref[j]),
-                        **{name: scores[j] for name, scores in judged.items()},
-                    }
-                )
-            bar.update(1)
-    bar.close()
+    with Progress("compare: sampling", len(policies) * len(prompts), "samples", logger) as progress:
+        for policy in policies:
+            baseline = None if policy.stage == "sft" else next(p.label for p in policies if p.role == policy.sft_role)
+            for start in batches:
+                chunk = prompts[start : start + batch_size]
+                gen = generate(bank, policy.role, chunk, sampling, eos, pad, seed + start)
+                with bank.use(policy.role) as m:
+                    logp = response_logprob_sums(m, chunk, gen.response_ids, pad, chunk_size, temperature)
+                if policy.role == policy.sft_role:
+                    ref = logp
+                else:
+                    with bank.use(policy.sft_role) as m:
+                        ref = response_logprob_sums(m, chunk, gen.response_ids, pad, chunk_size, temperature)
+                rewards = [None] * len(chunk)
+                if policy.reward_role is not None:
+                    ids, mask = pad_sequences([p + r for p, r in zip(chunk, gen.response_ids, strict=True)], pad)
+                    with bank.use(policy.reward_role) as m:
+                        head = bank.head(policy.reward_role)
+                        rewards = sequence_scores(m, head, ids.to(bank.device), mask.to(bank.device)).tolist()
+                responses = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in gen.response_ids]
+                index = list(range(start, start + len(chunk)))
+                judged = score_samples(judges, texts, columns, index, responses, gen.response_ids, source)
+                for j, response in enumerate(gen.response_ids):
+                    text = responses[j]
+                    rows.append(
+                        {
+                            "policy": policy.label,
+                            "baseline": baseline,
+                            "prompt_index": start + j,
+                            "prompt": texts[start + j],
+                            "response": text,
+                            "length": len(response),
+                            "eos": gen.ended[j],
+                            "reward": rewards[j],
+                            "logp": float(logp[j]),
+                            "ref_logp": float(ref[j]),
+                            "kl": float(logp[j] - ref[j]),
+                            **{name: scores[j] for name, scores in judged.items()},
+                        }
+                    )
+                progress.update(len(chunk))
     return rows
 
 

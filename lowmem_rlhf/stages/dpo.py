@@ -27,6 +27,7 @@ from lowmem_rlhf.model.forward import response_logprob_sums, token_logprobs
 from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.ops import dpo_loss, pairwise_accuracy
+from lowmem_rlhf.progress import Progress
 from lowmem_rlhf.rollout.generate import SamplingConfig, generate
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
@@ -102,11 +103,12 @@ def reference_logprobs(bank: AdapterBank, examples: list[PairExample], pad_id: i
     first = min(d.rank * per, len(examples))
     mine = examples[first : first + per]
     pairs = []
-    with bank.use("reference") as m:
+    with bank.use("reference") as m, Progress("dpo: reference log-probs", len(mine), "pairs", logger) as progress:
         for i in range(0, len(mine), bs):
             chunk_ex = mine[i : i + bs]
             lp = sequence_logprobs(m, _collate(chunk_ex, pad_id, bank.device, None), chunk).cpu()
             pairs += [torch.stack([lp[j], lp[len(chunk_ex) + j]]) for j in range(len(chunk_ex))]
+            progress.update(len(chunk_ex))
     if d.enabled:
         pairs = [p for part in distributed.all_gather_object(pairs) for p in part]
     return {id(e): p for e, p in zip(examples, pairs, strict=True)}
@@ -116,32 +118,43 @@ def reference_logprobs(bank: AdapterBank, examples: list[PairExample], pad_id: i
 def evaluate_dpo(bank: AdapterBank, examples: list[PairExample], pad_id: int, dc: DPOConfig, chunk: int) -> dict:
     sums, total = {}, 0.0
     bs = distributed.per_device(dc.batch_size)  # every process evaluates the whole set, at its own batch size
-    for i in range(0, len(examples), bs):
-        batch = _collate(examples[i : i + bs], pad_id, bank.device, None)
-        with bank.use("policy") as m:
-            loss, metrics = dpo_loss_sum(bank, m, batch, dc, chunk)
-        total += float(batch["weights"].sum())
-        for k, v in {"loss": float(loss), **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + v
+    with Progress("dpo: held-out evaluation", len(examples), "pairs", logger) as progress:
+        for i in range(0, len(examples), bs):
+            part = examples[i : i + bs]
+            batch = _collate(part, pad_id, bank.device, None)
+            with bank.use("policy") as m:
+                loss, metrics = dpo_loss_sum(bank, m, batch, dc, chunk)
+            total += float(batch["weights"].sum())
+            for k, v in {"loss": float(loss), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            progress.update(len(part))
     return {f"eval_{k}": v / total for k, v in sums.items()}
 
 
 @torch.no_grad()
 def sample_kl(bank: AdapterBank, tokenizer, prompts: list[list[int]], dc: DPOConfig, chunk: int, seed: int) -> dict:
-    """Mean over sampled responses of sum_t log pi - log ref: the KL of the policy's samples to the reference."""
-    gen = generate(
-        bank,
-        "policy",
-        prompts,
-        SamplingConfig(dc.max_new_tokens, 1.0),
-        end_of_turn_ids(tokenizer),
-        tokenizer.pad_token_id,
-        seed,
-    )
-    lp = {}
-    for role in ("policy", "reference"):
-        with bank.use(role) as m:
-            lp[role] = response_logprob_sums(m, prompts, gen.response_ids, tokenizer.pad_token_id, chunk)
+    """Mean over sampled responses of sum_t log pi - log ref: the KL of the policy's samples to the reference.
+
+    One sampling call and one log-prob pass per role over all prompts (splitting them would draw other samples),
+    so the progress counts those passes.
+    """
+    roles = ("policy", "reference")
+    with Progress(f"dpo: KL of {len(prompts)} samples to the reference", 1 + len(roles), "passes", logger) as progress:
+        gen = generate(
+            bank,
+            "policy",
+            prompts,
+            SamplingConfig(dc.max_new_tokens, 1.0),
+            end_of_turn_ids(tokenizer),
+            tokenizer.pad_token_id,
+            seed,
+        )
+        progress.update()
+        lp = {}
+        for role in roles:
+            with bank.use(role) as m:
+                lp[role] = response_logprob_sums(m, prompts, gen.response_ids, tokenizer.pad_token_id, chunk)
+            progress.update()
     kl = lp["policy"] - lp["reference"]
     return {
         "sample_kl": float(kl.mean()),

@@ -26,6 +26,7 @@ from lowmem_rlhf.model.loading import load_base, load_tokenizer, resolve_device
 from lowmem_rlhf.model.memory import check_fits
 from lowmem_rlhf.model.scoring import sequence_scores
 from lowmem_rlhf.ops.preference import bradley_terry_loss, pairwise_accuracy, pearson
+from lowmem_rlhf.progress import Progress
 from lowmem_rlhf.stages.common import begin_stage, finished_stage_dir, locked_stage, seed_everything, stage_settings
 from lowmem_rlhf.train.io import atomic_write_json
 from lowmem_rlhf.train.loop import TrainLoop
@@ -60,9 +61,10 @@ def evaluate_pairs(bank: AdapterBank, role: str, examples: list[GroupExample], p
     """Held-out diagnostics: pairwise accuracy, mean margin (both weighted like the loss), score spread, length bias."""
     head = bank.head(role)
     chosen, rejected, all_scores, all_lengths, losses, weights = [], [], [], [], [], []
-    with bank.use(role) as model:
+    with bank.use(role) as model, Progress("rm: held-out evaluation", len(examples), "prompts", logger) as progress:
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(bank.device) for k, v in collate_groups(examples[i : i + batch_size], pad_id).items()}
+            group = examples[i : i + batch_size]
+            batch = {k: v.to(bank.device) for k, v in collate_groups(group, pad_id).items()}
             scores = sequence_scores(model, head, batch["input_ids"], batch["attention_mask"]).cpu()
             c, r = scores[batch["chosen_index"].cpu()], scores[batch["rejected_index"].cpu()]
             chosen.append(c)
@@ -71,6 +73,7 @@ def evaluate_pairs(bank: AdapterBank, role: str, examples: list[GroupExample], p
             all_lengths.append(batch["response_lengths"].cpu())
             losses.append(bradley_terry_loss(c, r))
             weights.append(batch["weights"].cpu())
+            progress.update(len(group))
     c, r, w = torch.cat(chosen), torch.cat(rejected), torch.cat(weights)
     scores, lengths = torch.cat(all_scores), torch.cat(all_lengths)
     # loss, accuracy and margin are all weighted like training: a ranking's C(K, 2) pairs share one prompt's weight;
@@ -94,10 +97,11 @@ def reward_stats(
     seqs = list(dict.fromkeys(tuple(s) for e in examples for s in e.seqs))[:n]
     head = bank.head(role)
     scores = []
-    with bank.use(role) as model:
+    with bank.use(role) as model, Progress("rm: reward statistics", len(seqs), "responses", logger) as progress:
         for i in range(0, len(seqs), batch_size):
             ids, mask = pad_sequences([list(s) for s in seqs[i : i + batch_size]], pad_id)
             scores.append(sequence_scores(model, head, ids.to(bank.device), mask.to(bank.device)).cpu())
+            progress.update(len(ids))
     s = torch.cat(scores)
     return {"mean": float(s.mean()), "std": float(s.std()) if len(s) > 1 else 1.0, "n": len(s)}
 
