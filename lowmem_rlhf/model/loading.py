@@ -37,8 +37,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_path(cfg: ModelConfig) -> str:
-    """The folder or Hub id to load; a `builtin:` model (lowmem_rlhf/builtins.py) is built on first use."""
-    return model_path(cfg.name_or_path) if is_builtin(cfg.name_or_path) else cfg.name_or_path
+    """The folder or Hub id to load; a `builtin:` model (lowmem_rlhf/builtins.py) is built on first use, a GGUF
+    file converted on first use (model/gguf.py)."""
+    from lowmem_rlhf.model.gguf import convert_gguf, gguf_path, names_gguf
+
+    if is_builtin(cfg.name_or_path):
+        if cfg.gguf_file is not None:
+            raise UserError(f"model.gguf_file is set, but {cfg.name_or_path!r} is a builtin model; unset gguf_file")
+        return model_path(cfg.name_or_path)
+    if names_gguf(cfg):
+        return str(convert_gguf(gguf_path(cfg)))
+    return cfg.name_or_path
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):

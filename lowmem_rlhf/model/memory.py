@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowmem_rlhf.builtins import is_builtin, model_path, model_shape
-from lowmem_rlhf.config import RecipeConfig
+from lowmem_rlhf.config import ModelConfig, RecipeConfig
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.estimators import ESTIMATORS
 from lowmem_rlhf.model.shapes import HUB_ALIASES, SHAPES
@@ -609,10 +609,24 @@ def gb(n: int) -> str:
     return f"{n / GiB:.2f} GB"
 
 
+def resolve_model_shape(mc: ModelConfig) -> tuple[Shape, str]:
+    """`resolve_shape` for a recipe's base; a GGUF base is sized from its file's header, without converting it."""
+    from lowmem_rlhf.model.gguf import gguf_path, names_gguf, require_gguf_reader
+
+    if not names_gguf(mc) or is_builtin(mc.name_or_path):
+        return resolve_shape(mc.name_or_path)
+    from transformers import AutoConfig
+
+    path = gguf_path(mc)
+    require_gguf_reader(str(path))
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=str(path))
+    return Shape.from_config(config.to_dict()), f"{path} (its GGUF header)"
+
+
 def estimate_recipe(
     cfg: RecipeConfig, stages: list[str], shape_name: str | None = None, sequences_per_prompt: int = 2
 ) -> tuple[Shape, str, list]:
-    shape, source = resolve_shape(shape_name or cfg.model.name_or_path)
+    shape, source = resolve_shape(shape_name) if shape_name else resolve_model_shape(cfg.model)
     return shape, source, [estimate_stage(cfg, shape, s, sequences_per_prompt=sequences_per_prompt) for s in stages]
 
 
@@ -630,7 +644,7 @@ def check_fits(cfg: RecipeConfig, stage: str, device) -> None:
     if device.type != "cuda":
         return
     try:
-        shape, _ = resolve_shape(cfg.model.name_or_path)
+        shape, _ = resolve_model_shape(cfg.model)
     except UserError:
         logger.debug("memory check skipped: no config.json for %s yet", cfg.model.name_or_path)
         return

@@ -32,6 +32,7 @@ import torch
 from lowmem_rlhf.data.chat import end_of_turn_ids
 from lowmem_rlhf.errors import UserError
 from lowmem_rlhf.model.heads import HEAD_FILE
+from lowmem_rlhf.progress import Progress
 from lowmem_rlhf.stages.common import BASE_MODEL_FILE, STAGE_DIRS, Manifest, base_model_info, read_run
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,10 @@ def locate_base(info: dict, cfg, weights: bool) -> Path:
                 "re-run the pipeline to export it"
             )
         return built
+    from lowmem_rlhf.model.gguf import names_gguf
+
+    if names_gguf(cfg.model):  # a GGUF base whose converted folder was removed from the cache: convert it again
+        return Path(resolve_path(cfg.model))
     if Path(name).is_dir():
         return Path(name)
     import huggingface_hub
@@ -395,13 +400,16 @@ def merge_shards(
         )
     weight_map: dict[str, str] = {}
     total = 0
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as lora:
+    keys = {name: _shard_keys(base / name, drop) for name in files}  # headers only: the count for the progress
+    count = sum(map(len, keys.values()))
+    with (
+        safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as lora,
+        Progress("export: merging", count, "tensors", logger) as progress,
+    ):
         for i, name in enumerate(files):
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(str(base / name), framework="pt") as f:
-                for key in f.keys():
-                    if key in drop:
-                        continue
+                for key in keys[name]:
                     t = f.get_tensor(key)
                     if key in modules:
                         a_key, b_key = modules.pop(key)
@@ -409,6 +417,7 @@ def merge_shards(
                         w.addmm_(lora.get_tensor(b_key).float(), lora.get_tensor(a_key).float(), alpha=scaling)
                         t = w
                     tensors[key] = _cast(t, dtype, key)
+                    progress.update()
             if i == len(files) - 1 and extra:
                 tensors.update({k: _cast(v, dtype, k) for k, v in extra.items()})
             save_file(tensors, str(out / name), metadata={"format": "pt"})
@@ -423,6 +432,14 @@ def merge_shards(
     if len(files) > 1:
         _write_json(out / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return weight_map
+
+
+def _shard_keys(path: Path, drop: tuple[str, ...]) -> list[str]:
+    """The names of the tensors of one safetensors file that the merge writes, in the file's order."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return [k for k in f.keys() if k not in drop]
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
