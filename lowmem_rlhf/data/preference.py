@@ -1,6 +1,6 @@
 """Preference rows -> weighted (prompt, chosen, rejected) pairs -> token ids.
 
-Accepted rows (DESIGN.md), prompt as text or messages, responses as text, one assistant message, or
+Accepted rows (docs/design.md), prompt as text or messages, responses as text, one assistant message, or
 the whole conversation (the prompt's turns, then the assistant's: UltraFeedback's layout):
 
 - pairs    `{"prompt", "chosen", "rejected"}`: one pair, weight 1;

@@ -1,6 +1,6 @@
 """SFT rows -> (prompt messages, completion) -> token ids with the response marked for the loss.
 
-Accepted rows (DESIGN.md): chat `{"messages": [...]}` whose last message is the assistant's answer
+Accepted rows (docs/design.md): chat `{"messages": [...]}` whose last message is the assistant's answer
 (the loss covers that final turn), `{"prompt", "completion"}` (prompt as text or messages), and
 Alpaca `{"instruction", "input", "output"}`.
 
