@@ -49,10 +49,12 @@ def test_a_plugin_registers_models_and_data_through_an_entry_point(tmp_path, mon
     assert resolve_path(ModelConfig(name_or_path="builtin:mine")) == str(tmp_path / "mymodel")
     shape, source = resolve_shape("builtin:mine")
     assert (shape.hidden, shape.layers, shape.vocab) == (64, 2, 1000) and source == "the bundled model builtin:mine"
-    assert builtins._loaded == ["lowmem_rlhf.tiny.builtins:register", "my_plugin:register"]  # each called once
+    assert builtins._loaded == [*builtins.BUNDLED, "my_plugin:register"]  # each called once
     # the bundled task registered itself through the same door
     assert len(load_rows("builtin:tiny/prompts.jsonl")[0]) > 0
-    unknown = r"unknown builtin model 'builtin:huge'; registered: 'builtin:mine', 'builtin:tiny'"
+    unknown = (
+        r"unknown builtin model 'builtin:huge'; registered: 'builtin:mine', 'builtin:smollm2-135m', 'builtin:tiny'"
+    )
     with pytest.raises(UserError, match=unknown):
         resolve_path(ModelConfig(name_or_path="builtin:huge"))
     unknown = r"unknown bundled data 'builtin:other/x.jsonl'; registered data: 'builtin:mine', 'builtin:tiny'"
